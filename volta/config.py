@@ -1,0 +1,579 @@
+"""The whole volta configuration as one validated pydantic tree.
+
+A recipe YAML plus ``--set dotted.key=value`` overrides is loaded into :class:`VoltaConfig` once, at the edge
+(the CLI or the Ray driver), before any cluster work starts; everything below receives plain values read from it.
+Errors are reported as one line naming the dotted field path and what was expected (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ImageEncoderConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RayConfig",
+    "StorageConfig",
+    "SweepConfig",
+    "TextEncoderConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "VoltaConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "dump_config",
+    "image_block_count",
+    "load_config",
+    "text_layer_count",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message is one line naming the dotted field path and the expectation."""
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+# Depths of the timm Swin families by name, used to bound the fusion depth without building the model.
+_SWIN_DEPTHS: dict[str, tuple[int, ...]] = {
+    "swin_tiny": (2, 2, 6, 2),
+    "swin_small": (2, 2, 18, 2),
+    "swin_base": (2, 2, 18, 2),
+    "swin_large": (2, 2, 18, 2),
+}
+# Layer counts of common Hugging Face RoBERTa-family checkpoints by name.
+_TEXT_LAYERS: dict[str, int] = {
+    "roberta-base": 12,
+    "FacebookAI/roberta-base": 12,
+    "roberta-large": 24,
+    "FacebookAI/roberta-large": 24,
+    "distilroberta-base": 6,
+    "distilbert/distilroberta-base": 6,
+}
+
+
+class ImageEncoderConfig(_Section):
+    """A timm Swin Transformer: model name, input size and any extra ``timm.create_model`` arguments."""
+
+    name: str = "swin_base_patch4_window12_384"
+    img_size: int = Field(384, ge=32, le=2048)
+    # False: random init; True: timm hub weights for `name`; a string: a local weights file (safetensors/.pth).
+    pretrained: bool | str = True
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    # Extra keyword arguments for timm.create_model (embed_dim, depths, num_heads, window_size, ...).
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    grad_checkpointing: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _swin_only(cls, v: str) -> str:
+        if not v.startswith("swin"):
+            raise ValueError(f"expected a timm Swin Transformer name (swin_*), got {v!r}")
+        return v
+
+
+class TextEncoderConfig(_Section):
+    """A Hugging Face RoBERTa-family encoder: hub name or local path, optional config overrides."""
+
+    name: str = "FacebookAI/roberta-base"
+    # False: random init from the (overridden) config; True: from_pretrained(name); a string: a local folder.
+    pretrained: bool | str = True
+    # Overrides applied to the RobertaConfig (hidden_size, num_hidden_layers, vocab_size, ...).
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    max_length: int = Field(30, ge=4, le=512)
+    grad_checkpointing: bool = False
+
+
+class ModelConfig(_Section):
+    """The VoLTA model: two backbones, the fusion depth and the head sizes."""
+
+    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    # N: number of last blocks of both backbones that carry gated cross-modal attention (0 = no fusion).
+    fusion_depth: int = Field(6, ge=0)
+    shared_dim: int = Field(768, ge=8)
+    projector_hidden_dim: int = Field(2048, ge=8)
+    projector_out_dim: int = Field(1024, ge=8)
+    got_projector_hidden_dim: int = Field(2048, ge=8)
+    got_projector_out_dim: int = Field(1024, ge=8)
+    # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
+    share_unimodal_prefix: bool = True
+
+
+def image_block_count(image: ImageEncoderConfig) -> int | None:
+    """Number of Swin blocks over all stages, from ``timm_kwargs["depths"]`` or the family name; None if unknown."""
+    depths = image.timm_kwargs.get("depths")
+    if depths is None:
+        family = "_".join(image.name.split("_")[:2])
+        depths = _SWIN_DEPTHS.get(family)
+    if depths is None:
+        return None
+    return int(sum(int(d) for d in depths))
+
+
+def text_layer_count(text: TextEncoderConfig) -> int | None:
+    """Number of transformer layers of the text encoder, from overrides, a local config.json or the name."""
+    if "num_hidden_layers" in text.config_overrides:
+        return int(text.config_overrides["num_hidden_layers"])
+    source = text.pretrained if isinstance(text.pretrained, str) else text.name
+    config_json = Path(source) / "config.json"
+    if config_json.is_file():
+        import json
+
+        try:
+            return int(json.loads(config_json.read_text())["num_hidden_layers"])
+        except (KeyError, ValueError, OSError):
+            return None
+    return _TEXT_LAYERS.get(text.name)
+
+
+# ------------------------------------------------------------------------------------------------------ loss
+class LossConfig(_Section):
+    """Loss weights and solver settings (VOLTA.md section 2). A weight of 0 switches a term off entirely."""
+
+    # Barlow Twins
+    bt_weight: float = Field(1.0, ge=0.0)
+    bt_lambda: float = Field(0.005, ge=0.0)
+    bt_w_ii: float = Field(0.25, ge=0.0)
+    bt_w_tt: float = Field(0.25, ge=0.0)
+    bt_w_it: float = Field(0.25, ge=0.0)
+    bt_w_it2: float = Field(0.25, ge=0.0)
+    # Graph optimal transport
+    got_weight: float = Field(100.0, ge=0.0)
+    wd_weight: float = Field(0.1, ge=0.0)
+    gwd_weight: float = Field(0.1, ge=0.0)
+    ipot_beta: float = Field(0.5, gt=0.0)
+    ipot_iters: int = Field(30, ge=1)
+    gw_beta: float = Field(0.1, gt=0.0)
+    gw_outer_iters: int = Field(5, ge=1)
+    gw_inner_iters: int = Field(20, ge=1)
+    prune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    prune_scope: Literal["sample", "batch"] = "sample"
+    got_include_special_tokens: bool = False
+    # MLM and ITM
+    mlm_weight: float = Field(1.0, ge=0.0)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    itm_weight: float = Field(1.0, ge=0.0)
+    itm_negatives: Literal["uniform", "hard"] = "uniform"
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossConfig:
+        if self.bt_weight == 0 and self.got_weight == 0 and self.mlm_weight == 0 and self.itm_weight == 0:
+            raise ValueError("at least one of bt_weight, got_weight, mlm_weight, itm_weight must be > 0")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------ data
+class ViewConfig(_Section):
+    """Image view augmentation (VOLTA.md section 3), shared by both views except blur and solarize."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    text_aug_p: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError(f"expected 0 < low <= high <= 1, got {list(v)}")
+        return v
+
+
+class DataConfig(_Section):
+    """Where the shards are and how the per-worker pipeline reads them."""
+
+    # A local folder, a brace pattern, a list of either, or s3://bucket/prefix[/pattern].
+    train_shards: str | list[str] = "data/synth/train"
+    val_shards: str | list[str] | None = "data/synth/val"
+    # A Hugging Face tokenizer name or local folder; None = the text encoder's name.
+    tokenizer: str | None = None
+    # Samples in one epoch of the training set; None = read from sizes.json next to the shards.
+    samples_per_epoch: int | None = Field(None, ge=1)
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(2, ge=0)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    views: ViewConfig = Field(default_factory=ViewConfig)
+
+
+# ----------------------------------------------------------------------------------------------------- optim
+class OptimConfig(_Section):
+    """Optimiser and schedule. LARS learning rates follow the paper: ``lr * global_batch / 512``."""
+
+    name: Literal["lars", "adamw"] = "lars"
+    lr: float = Field(0.2, gt=0.0)
+    bias_lr: float = Field(0.0048, gt=0.0)
+    scale_lr_with_batch: bool = True
+    weight_decay: float = Field(1e-6, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    lars_eta: float = Field(0.001, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_epochs: float = Field(2.0, ge=0.0)
+    final_lr_ratio: float = Field(0.001, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    """The training loop: batch sizes, length, precision, checkpoints, logging, validation cadence."""
+
+    global_batch_size: int = Field(256, ge=2)
+    micro_batch_size: int = Field(32, ge=1)
+    epochs: float | None = Field(200.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2] = 2
+    deepspeed_config: str | None = None
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_every: int | None = Field(None, ge=1)
+    max_nonfinite_in_row: int = Field(10, ge=1)
+    # Where the run writes local files (metrics JSON lines, exported weights, pictures).
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("one of train.epochs or train.max_steps must be set")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+class EvalConfig(_Section):
+    """In-loop and offline evaluation: retrieval, grounding, linear probe, heat maps."""
+
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    grounding: bool = True
+    heatmap_samples: int = Field(4, ge=0)
+
+    @field_validator("retrieval_ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"expected a non-empty list of positive integers, got {v}")
+        return sorted(set(v))
+
+
+# ------------------------------------------------------------------------------------------------------- ray
+class RayConfig(_Section):
+    """How Ray places the workers and restarts them."""
+
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    max_failures: int = Field(3, ge=-1)
+    timeout_s: int = Field(1800, ge=10)
+    run_name: str = "volta"
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(f"expected letters, digits, '.', '_' or '-' (max 128), got {v!r}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------- storage
+class StorageConfig(_Section):
+    """Where checkpoints go and how S3 is reached (shards and checkpoints share the endpoint settings).
+
+    Credentials are never part of the config: they come from the standard AWS variables or instance roles.
+    """
+
+    path: str = "runs/ray"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+        return v
+
+
+class TrackingConfig(_Section):
+    """The experiment tracker (MLflow) that the sweep dashboard reads; off when ``uri`` is None."""
+
+    uri: str | None = None
+    experiment: str = "volta"
+
+
+# ----------------------------------------------------------------------------------------------------- sweep
+class SearchDim(_Section):
+    """One dimension of the sweep's search space."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDim:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("type 'choice' needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"type {self.type!r} needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"expected low < high, got low={self.low} high={self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+class SweepConfig(_Section):
+    """A Ray Tune sweep over dotted config fields (GOT weights, fusion depth, ...)."""
+
+    space: dict[str, SearchDim] = Field(default_factory=dict)
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"
+    num_samples: int = Field(8, ge=1)
+    metric: str = "val/grounding_acc"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    name: str = "volta-sweep"
+
+
+# ------------------------------------------------------------------------------------------------------ root
+class VoltaConfig(_Section):
+    """The root of the configuration tree."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-steps per optimizer step: global batch / (workers x micro batch)."""
+        return self.train.global_batch_size // (self.ray.num_workers * self.train.micro_batch_size)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer to load: ``data.tokenizer`` or, when unset, the text encoder's name or local folder."""
+        if self.data.tokenizer:
+            return self.data.tokenizer
+        pretrained = self.model.text.pretrained
+        return pretrained if isinstance(pretrained, str) else self.model.text.name
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> VoltaConfig:
+        t, r = self.train, self.ray
+        per_step = r.num_workers * t.micro_batch_size
+        if t.global_batch_size % per_step:
+            raise _FieldError(
+                "train.global_batch_size",
+                f"must be divisible by ray.num_workers x train.micro_batch_size = {per_step}, "
+                f"got {t.global_batch_size}",
+            )
+        blocks = [
+            n
+            for n in (image_block_count(self.model.image), text_layer_count(self.model.text))
+            if n is not None
+        ]
+        if blocks and self.model.fusion_depth > min(blocks):
+            raise _FieldError(
+                "model.fusion_depth",
+                f"must be between 0 and {min(blocks)} (blocks available in both backbones), "
+                f"got {self.model.fusion_depth}",
+            )
+        if t.precision == "fp16" and t.device == "cpu":
+            raise _FieldError(
+                "train.precision", "fp16 needs a GPU; use 'bf16' or 'fp32' with train.device=cpu"
+            )
+        if r.use_gpu and t.device == "cpu":
+            raise _FieldError("train.device", "is 'cpu' but ray.use_gpu is true; use 'auto' or 'cuda'")
+        if t.val_every is not None and not self.data.val_shards:
+            raise _FieldError("data.val_shards", "must be set when train.val_every is set")
+        if self.sweep.metric.split("/")[0] not in ("val", "train"):
+            raise _FieldError(
+                "sweep.metric", f"expected 'val/<name>' or 'train/<name>', got {self.sweep.metric!r}"
+            )
+        root = self.model_dump()
+        for dotted in self.sweep.space:
+            if not _has_path(root, dotted.split(".")) or dotted.startswith("sweep."):
+                raise _FieldError(f"sweep.space.{dotted}", "is not a config field that a sweep can set")
+        return self
+
+
+class _FieldError(ValueError):
+    """A cross-field failure that knows its dotted path (turned into ConfigError by the loader)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _has_path(tree: Any, parts: Sequence[str]) -> bool:
+    node = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return f"{ctx_err.path}: {ctx_err.message}"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (not a volta config field)"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    if kind in ("missing",) or isinstance(got, (dict, list)) or got is None:
+        return f"{path}: {msg}" if path else msg
+    return f"{path}: {msg}, got {got!r}" if path else f"{msg}, got {got!r}"
+
+
+def config_from_dict(data: Mapping[str, Any]) -> VoltaConfig:
+    """Validate a plain mapping into a :class:`VoltaConfig`, raising :class:`ConfigError` with one line."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return VoltaConfig.model_validate(dict(data))
+    except ValidationError as err:
+        extra = len(err.errors()) - 1
+        more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra > 0 else ""
+        raise ConfigError(_format_validation_error(err) + more) from None
+    except _FieldError as err:
+        raise ConfigError(f"{err.path}: {err.message}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted field path")
+    if parts[:2] == ["sweep", "space"] and len(parts) > 2:
+        # Sweep spaces are keyed by dotted paths: everything after sweep.space is one key.
+        parts = ["sweep", "space", ".".join(parts[2:])]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars/lists) to a nested dict in place.
+
+    Each path must name an existing field of the config schema; the value's type is checked by validation.
+    """
+    schema = VoltaConfig().model_dump()
+    for item in overrides:
+        parts, value = _parse_override(item)
+        if parts[:2] == ["sweep", "space"] or _has_path(schema, parts) or _under_free_dict(parts):
+            node = data
+            for part in parts[:-1]:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                node = child
+            node[parts[-1]] = value
+        else:
+            raise ConfigError(f"{'.'.join(parts)}: unknown key (not a volta config field)")
+    return data
+
+
+# Fields whose value is a free-form dict: any key below them can be overridden.
+_FREE_DICTS = (("model", "image", "timm_kwargs"), ("model", "text", "config_overrides"))
+
+
+def _under_free_dict(parts: Sequence[str]) -> bool:
+    return any(tuple(parts[: len(p)]) == p and len(parts) > len(p) for p in _FREE_DICTS)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> VoltaConfig:
+    """Load a recipe YAML (or the defaults when ``path`` is None), apply overrides, validate, return the tree."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: recipe file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{where} not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of config sections, got {type(loaded).__name__}")
+        data = loaded
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(config: VoltaConfig, path: str | Path | None = None) -> str:
+    """Serialise the config to YAML (exactly reloadable by :func:`load_config`); write it when ``path`` is given."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return text
+
+
+def exit_on_config_error(err: ConfigError) -> None:
+    """Print the one-line error to stderr and exit with status 2 (no traceback)."""
+    print(f"volta: config error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def total_steps(config: VoltaConfig, samples_per_epoch: int | None) -> int:
+    """Optimizer steps of the run: ``train.max_steps`` or ``epochs x samples_per_epoch / global batch``."""
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    if samples_per_epoch is None:
+        raise ConfigError(
+            "data.samples_per_epoch: needed to turn train.epochs into steps (or set train.max_steps)"
+        )
+    assert config.train.epochs is not None
+    return max(1, math.ceil(config.train.epochs * samples_per_epoch / config.train.global_batch_size))
