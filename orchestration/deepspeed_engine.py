@@ -1,0 +1,97 @@
+"""DeepSpeed glue: the engine config filled from the volta config, and the adapter to volta's engine protocol."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from volta.config import VoltaConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+# Keys that only the volta config may set (one source of truth for batch sizes, clipping, precision, stage).
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_config_path(config: VoltaConfig, *, on_gpu: bool) -> Path:
+    """The engine-knobs file for this run: ``train.deepspeed_config`` or the default for precision and device."""
+    if config.train.deepspeed_config:
+        return Path(config.train.deepspeed_config)
+    if not on_gpu:
+        return CONFIG_DIR / "zero2_cpu.json"
+    return CONFIG_DIR / ("zero2_fp16.json" if config.train.precision == "fp16" else "zero2_bf16.json")
+
+
+def build_deepspeed_config(config: VoltaConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """Load the engine-knobs JSON and fill batch sizes, accumulation, clipping, precision and ZeRO stage.
+
+    Raises ValueError when the knobs file sets a batch size itself (the volta config is the only source).
+    """
+    path = deepspeed_config_path(config, on_gpu=on_gpu)
+    ds: dict[str, Any] = json.loads(path.read_text())
+    clash = [k for k in _OWNED_KEYS if k in ds]
+    if clash:
+        raise ValueError(f"{path}: must not set {clash}; batch sizes come from the volta config (train.*)")
+    t = config.train
+    accum = t.global_batch_size // (world_size * t.micro_batch_size)
+    ds["train_batch_size"] = t.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = accum
+    ds["gradient_clipping"] = config.optim.grad_clip or 0.0
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    if t.precision == "fp16":
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True}
+    else:
+        ds.pop("fp16", None)
+    return ds
+
+
+class DeepSpeedEngineAdapter:
+    """Presents a ``deepspeed.DeepSpeedEngine`` through volta's :class:`~volta.training.engine.Engine` protocol."""
+
+    TAG = "state"
+
+    def __init__(self, engine: Any, device: torch.device) -> None:
+        self.engine = engine
+        self.device = device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module  # type: ignore[no-any-return]
+
+    def forward(self, batch: Any) -> Mapping[str, Tensor]:
+        if hasattr(batch, "to"):
+            batch = batch.to(self.device)
+        return self.engine(batch)  # type: ignore[no-any-return]
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Every rank writes its ZeRO shard (and rank 0 the module) into ``directory``."""
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={"volta_loop": client_state})
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Restore module, optimizer shards, scheduler and return the loop's client state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=self.TAG)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {self.TAG!r}")
+        return dict(client_state["volta_loop"])

@@ -1,0 +1,94 @@
+"""Experiment tracking for the dashboard: one MLflow run per pre-training run (or sweep trial), rank 0 only.
+
+Tracking is optional: with ``tracking.uri`` unset nothing is logged. A resumed run (same ``ray.run_name``) continues
+logging into the MLflow run it started, found by its ``volta.run_name`` tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from volta.config import VoltaConfig
+
+log = logging.getLogger(__name__)
+
+
+def flat_params(config: VoltaConfig) -> dict[str, str]:
+    """The config flattened to ``section.key`` strings (MLflow params), skipping the sweep space."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if prefix == "sweep" and k == "space":
+                    continue
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)[:500]
+
+    walk("", config.model_dump(mode="json"))
+    return out
+
+
+class Tracker:
+    """A thin MLflow client: params once, metrics per step, artifacts, finish."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, config: VoltaConfig, *, extra_tags: dict[str, str] | None = None) -> Tracker | None:
+        """Open (or reopen) this run's MLflow run; None when tracking is off."""
+        if not config.tracking.uri:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=config.tracking.uri)
+        exp = client.get_experiment_by_name(config.tracking.experiment)
+        exp_id = (
+            exp.experiment_id if exp is not None else client.create_experiment(config.tracking.experiment)
+        )
+        name = config.ray.run_name
+        found = client.search_runs([exp_id], filter_string=f"tags.`volta.run_name` = '{name}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {"volta.run_name": name, "mlflow.runName": name, **(extra_tags or {})}
+            run_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+            params = flat_params(config)
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i : i + 100])
+        log.info(
+            "tracking run %s in experiment %r at %s", run_id, config.tracking.experiment, config.tracking.uri
+        )
+        return cls(client, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        """Log the finite numeric metrics of one step."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """Upload a file (heat maps, loss curve) to the run."""
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run finished."""
+        self.client.set_terminated(self.run_id, status=status)
