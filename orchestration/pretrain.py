@@ -67,10 +67,10 @@ def preflight(config: VoltaConfig) -> None:
             Path(path).expanduser().mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PreflightError(f"storage.path: cannot create {path} ({err.strerror})") from None
-    from volta.data.factory import dataset_size
+    from volta.data.factory import samples_per_epoch
 
     try:
-        size = dataset_size(config)
+        size = samples_per_epoch(config)
     except Exception as err:
         raise PreflightError(f"data.train_shards: {err}") from None
     if size < config.train.global_batch_size:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from volta.config import VoltaConfig, config_from_dict, dump_config, total_steps
+from volta.config import VoltaConfig, config_from_dict, total_steps
 from volta.training.loop import LoopHooks, LoopSettings, LoopState, train
 from volta.training.metrics import JsonlMetrics, format_progress
 
@@ -49,13 +49,14 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
     """Ray Train entry point: one rank of a VoLTA pre-training run described by a validated config dict."""
     import deepspeed
     import ray.train
-    from volta.data.factory import batches_per_epoch, build_train_loader, dataset_size
-    from volta.losses.barlow_twins import differentiable_all_reduce_sum
-    from volta.task import build_task
 
     from orchestration.deepspeed_engine import DeepSpeedEngineAdapter, build_deepspeed_config
     from orchestration.tracking import Tracker
+    from volta.data.factory import batches_per_epoch, build_train_loader, samples_per_epoch
     from volta.data.tokenizer import load_tokenizer
+    from volta.losses.barlow_twins import differentiable_all_reduce_sum
+    from volta.models.export import export_encoders, save_volta_checkpoint
+    from volta.task import build_task
     from volta.training.schedule import build_optimizer, build_scheduler
 
     config = config_from_dict(config_dict)
@@ -78,8 +79,7 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
         load_pretrained_weights(task.model, config.model)
 
     micro_per_epoch = batches_per_epoch(config, world)
-    samples = dataset_size(config)
-    steps = total_steps(config, samples)
+    steps = total_steps(config, samples_per_epoch(config))
     steps_per_epoch = max(1, micro_per_epoch // config.gradient_accumulation_steps)
     optimizer = build_optimizer(
         task,
@@ -130,7 +130,8 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
         try:
             engine.save(tmp, st.to_dict())
             if rank == 0:
-                dump_config(config, tmp / "volta_config.yaml")
+                # A safetensors copy of the whole model: evaluation and export never unpickle training state.
+                save_volta_checkpoint(task.model, tmp / "volta", config)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
@@ -170,10 +171,8 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
     else:
         train(engine, settings, hooks, state)
     if rank == 0:
-        from volta.models.export import export_encoders
-
-        export_dir = out_dir / "export"
-        export_encoders(task.model, export_dir, config.model)
-        log.info("exported encoders to %s", export_dir)
+        save_volta_checkpoint(task.model, out_dir / "final", config)
+        export_encoders(task.model, out_dir / "export", config, tokenizer=tokenizer)
+        log.info("final model in %s, exported encoders in %s", out_dir / "final", out_dir / "export")
         if tracker is not None:
             tracker.finish()

@@ -1,0 +1,116 @@
+"""The VoLTA task module: every term, switches, prefix sharing, fp32 OT under autocast, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures_task import VOCAB, make_batch, tiny_config
+from volta.models.factory import build_model
+from volta.task import VoLTATask
+
+TERMS = ("bt_loss", "got_loss", "mlm_loss", "itm_loss")
+
+
+def _task(*overrides: str, share: bool = True) -> VoLTATask:
+    cfg = tiny_config(*overrides)
+    torch.manual_seed(0)
+    return VoLTATask(build_model(cfg.model, vocab_size=VOCAB), cfg.loss, share_prefix=share)
+
+
+def test_all_terms_finite_sum_and_every_parameter_gets_a_gradient() -> None:
+    task = _task()
+    with torch.no_grad():  # open the gates so cross-attention parameters are reachable by gradients
+        for name, p in task.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)
+    batch = make_batch(tiny_config())
+    torch.manual_seed(1)
+    out = task(batch)
+    for k in TERMS:
+        assert k in out and torch.isfinite(out[k]), k
+    assert torch.allclose(out["loss"], sum(out[k] for k in TERMS))
+    assert out["wd"] > 0 and out["gwd"] >= 0
+    out["loss"].backward()
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
+def test_gates_get_gradient_at_initialisation() -> None:
+    task = _task()
+    task(make_batch(tiny_config()))["loss"].backward()
+    gates = [p for n, p in task.named_parameters() if "gate" in n]
+    assert gates and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+
+
+@pytest.mark.parametrize("term", ["bt", "got", "mlm", "itm"])
+def test_weight_zero_switches_a_term_off_without_computing_it(term: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import volta.task as task_mod
+
+    def boom(*_a: object, **_k: object) -> None:
+        raise AssertionError(f"{term} computed although its weight is 0")
+
+    target = {"bt": "barlow_twins_loss", "got": "got_loss", "mlm": "IGNORE_INDEX", "itm": "sample_itm_pairs"}[term]
+    if term != "mlm":
+        monkeypatch.setattr(task_mod, target, boom)
+    task = _task(f"loss.{term}_weight=0")
+    if term == "mlm":
+        monkeypatch.setattr(task, "_mlm", boom)
+    out = task(make_batch(tiny_config()))
+    assert f"{term}_loss" not in out
+    assert torch.isfinite(out["loss"])
+
+
+def test_weights_scale_their_terms() -> None:
+    batch = make_batch(tiny_config())
+    base = _task()
+    torch.manual_seed(3)
+    a = base(batch)
+    doubled = _task("loss.got_weight=200", "loss.mlm_weight=2")
+    torch.manual_seed(3)
+    b = doubled(batch)
+    assert torch.allclose(b["got_loss"], 2 * a["got_loss"], rtol=1e-5)
+    assert torch.allclose(b["mlm_loss"], 2 * a["mlm_loss"], rtol=1e-5)
+    assert torch.allclose(b["bt_loss"], a["bt_loss"], rtol=1e-5)
+
+
+def test_prefix_sharing_gives_the_same_losses_and_gradients() -> None:
+    batch = make_batch(tiny_config())
+    shared, plain = _task(share=True), _task(share=False)
+    plain.load_state_dict(shared.state_dict())
+    torch.manual_seed(5)
+    a = shared(batch)
+    torch.manual_seed(5)
+    b = plain(batch)
+    for k in (*TERMS, "loss"):
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+    a["loss"].backward()
+    b["loss"].backward()
+    for (n, p), q in zip(shared.named_parameters(), plain.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_ot_stays_fp32_and_finite_under_bf16_autocast() -> None:
+    task = _task()
+    batch = make_batch(tiny_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task(batch)
+    assert torch.isfinite(out["got_loss"]) and out["got_loss"].dtype == torch.float32
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
+def test_caption_of_only_specials_is_finite() -> None:
+    task = _task()
+    batch = make_batch(tiny_config())
+    batch.attention_mask1[0] = 0
+    batch.attention_mask1[0, :2] = 1
+    batch.input_ids1[0, :2] = torch.tensor([0, 2])
+    batch.special_tokens_mask1[0] = True
+    batch.mlm_labels1[0] = -100
+    out = task(batch)
+    assert all(torch.isfinite(out[k]) for k in (*TERMS, "loss"))
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
