@@ -17,7 +17,7 @@ from volta.config import ConfigError, dump_config, load_config
 log = logging.getLogger("volta")
 
 # Modules that add subcommands: each defines register(subparsers: argparse._SubParsersAction) -> None.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("volta.models.cli", "volta.data.cli", "volta.data.tokenizer_cli")
 
 
 class UsageError(Exception):
