@@ -19,7 +19,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from volta.config import ConfigError, VoltaConfig, load_config
+from volta.config import ConfigError, VoltaConfig, load_config, resolve_local_paths
 
 log = logging.getLogger("volta.pretrain")
 
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides)
+        config = resolve_local_paths(load_config(args.config, args.overrides))
         preflight(config)
     except ConfigError as err:
         print(f"volta-pretrain: config error: {err}", file=sys.stderr)

@@ -16,13 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def flat_params(config: VoltaConfig) -> dict[str, str]:
-    """The config flattened to ``section.key`` strings (MLflow params), skipping the sweep space."""
+    """The config flattened to ``section.key`` strings (MLflow params), skipping the sweep space and run tags."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if prefix == "sweep" and k == "space":
+                if (prefix == "sweep" and k == "space") or (prefix == "tracking" and k == "tags"):
                     continue
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
@@ -57,7 +57,12 @@ class Tracker:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
         else:
-            tags = {"volta.run_name": name, "mlflow.runName": name, **(extra_tags or {})}
+            tags = {
+                "volta.run_name": name,
+                "mlflow.runName": name,
+                **config.tracking.tags,
+                **(extra_tags or {}),
+            }
             run_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
             params = flat_params(config)
             from mlflow.entities import Param

@@ -273,6 +273,9 @@ class EvalConfig(_Section):
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     grounding: bool = True
     heatmap_samples: int = Field(4, ge=0)
+    # Linear probe: held-out fraction when one shard set is split, and the inverse L2 strength of the probe.
+    probe_test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    probe_c: float = Field(1.0, gt=0.0)
 
     @field_validator("retrieval_ks")
     @classmethod
@@ -327,6 +330,18 @@ class TrackingConfig(_Section):
 
     uri: str | None = None
     experiment: str = "volta"
+    # Extra tags on the run (the sweep driver sets volta.sweep and volta.trial_id to group a sweep's trials).
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _mlflow_tag_limits(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.\-/ ]{1,250}", key):
+                raise ValueError(f"tag names are 1-250 of [A-Za-z0-9_.-/ ], got {key!r}")
+            if len(value) > 5000:
+                raise ValueError(f"tag {key!r}: values are at most 5000 characters, got {len(value)}")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------------- sweep
@@ -559,6 +574,41 @@ def dump_config(config: VoltaConfig, path: str | Path | None = None) -> str:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     return text
+
+
+def _absolute(path: str, base: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def resolve_local_paths(config: VoltaConfig, base: str | Path | None = None) -> VoltaConfig:
+    """A copy of ``config`` whose relative local paths are absolute against ``base`` (default: the working directory).
+
+    Ray workers run in their own working directory, so a driver resolves paths once before shipping the config.
+    Shard specs, output and storage folders are always local paths or URLs; tokenizer and pretrained-weight values
+    are resolved only when they exist locally (otherwise they are hub names).
+    """
+    root = Path(base or Path.cwd()).resolve()
+    data = config.model_dump(mode="json")
+
+    def maybe(value: Any) -> Any:
+        return _absolute(value, root) if isinstance(value, str) and (root / value).exists() else value
+
+    for key in ("train_shards", "val_shards"):
+        value = data["data"][key]
+        if isinstance(value, str):
+            data["data"][key] = _absolute(value, root)
+        elif isinstance(value, list):
+            data["data"][key] = [_absolute(v, root) for v in value]
+    data["data"]["tokenizer"] = maybe(data["data"]["tokenizer"])
+    data["model"]["image"]["pretrained"] = maybe(data["model"]["image"]["pretrained"])
+    data["model"]["text"]["pretrained"] = maybe(data["model"]["text"]["pretrained"])
+    data["train"]["output_dir"] = _absolute(data["train"]["output_dir"], root)
+    if data["train"]["deepspeed_config"]:
+        data["train"]["deepspeed_config"] = _absolute(data["train"]["deepspeed_config"], root)
+    data["storage"]["path"] = _absolute(data["storage"]["path"], root)
+    return config_from_dict(data)
 
 
 def exit_on_config_error(err: ConfigError) -> None:

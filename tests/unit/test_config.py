@@ -218,3 +218,22 @@ def test_cli_show_is_reloadable(tmp_path: Path) -> None:
     path = tmp_path / "shown.yaml"
     path.write_text(out.stdout)
     assert load_config(path).train.seed == 5
+
+
+def test_resolve_local_paths_makes_relative_paths_absolute(tmp_path: Path) -> None:
+    from volta.config import resolve_local_paths
+
+    (tmp_path / "tok").mkdir()
+    c = load_config(
+        REPO / "configs" / "debug.yaml",
+        ["data.tokenizer=tok", "data.val_shards=['v/{0..1}.tar', 's3://b/v']", "model.text.pretrained=false"],
+    )
+    r = resolve_local_paths(c, tmp_path)
+    assert r.data.train_shards == str(tmp_path / "data/synth/train")
+    assert r.data.val_shards == [str(tmp_path / "v/{0..1}.tar"), "s3://b/v"]
+    assert r.data.tokenizer == str(tmp_path / "tok")
+    assert r.storage.path == str(tmp_path / "runs/debug/ray")
+    assert r.train.output_dir == str(tmp_path / "runs/debug")
+    hub = resolve_local_paths(load_config(REPO / "configs" / "base.yaml"), tmp_path)
+    assert hub.model.text.name == "FacebookAI/roberta-base" and hub.storage.path.startswith("s3://")
+    assert hub.data.train_shards.startswith("s3://")

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_file
 from transformers import PreTrainedTokenizerBase, RobertaConfig, RobertaForMaskedLM
 
 from volta.config import ModelConfig, VoltaConfig, dump_config, load_config
@@ -49,6 +49,23 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _unique_cpu_state(model: VoLTAModel) -> dict[str, Any]:
+    """Every parameter and persistent buffer once (tied weights under their first name), copied to own CPU memory.
+
+    Copying matters under DeepSpeed, whose parameters are views into one flat buffer: safetensors refuses tensors
+    that share storage. Tied weights are the same Parameter object; keeping one name lets ``load_model`` restore
+    the tie.
+    """
+    seen: set[int] = set()
+    state: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
 def save_volta_checkpoint(model: VoLTAModel, path: str | Path, cfg: VoltaConfig | ModelConfig) -> Path:
     """Write ``model`` and its config to the folder ``path`` (atomically replaced); returns the folder.
 
@@ -58,8 +75,10 @@ def save_volta_checkpoint(model: VoLTAModel, path: str | Path, cfg: VoltaConfig 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_model(
-            model, str(tmp / _WEIGHTS), metadata={"format": "volta", "vocab_size": str(model.vocab_size)}
+        save_file(
+            _unique_cpu_state(model),
+            str(tmp / _WEIGHTS),
+            metadata={"format": "volta", "vocab_size": str(model.vocab_size)},
         )
         (tmp / _TEXT_CONFIG).write_text(model.text_encoder.config.to_json_string())
         dump_config(_as_volta_config(cfg), tmp / _CONFIG)
@@ -147,7 +166,11 @@ def export_encoders(
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    swin_state = {k: v.detach().contiguous().cpu() for k, v in model.image_encoder.swin.state_dict().items()}
+    # Own copies: under DeepSpeed parameters are views of one flat buffer, which safetensors refuses.
+    swin_state = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in model.image_encoder.swin.state_dict().items()
+    }
     paths["image_encoder"] = out / "image_encoder.safetensors"
     save_file(swin_state, str(paths["image_encoder"]), metadata={"timm_name": mcfg.image.name})
     kwargs = timm_create_kwargs(mcfg)

@@ -35,7 +35,8 @@ class GatedCrossAttention(nn.Module):
         self.attn = nn.MultiheadAttention(
             dim, num_heads, dropout=dropout, kdim=context_dim, vdim=context_dim, batch_first=True
         )
-        self.gate = nn.Parameter(torch.zeros(()))
+        # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters (its comm op views them as bytes).
+        self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
