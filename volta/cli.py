@@ -17,7 +17,13 @@ from volta.config import ConfigError, dump_config, load_config
 log = logging.getLogger("volta")
 
 # Modules that add subcommands: each defines register(subparsers: argparse._SubParsersAction) -> None.
-_COMMAND_MODULES: tuple[str, ...] = ("volta.models.cli", "volta.data.cli", "volta.data.tokenizer_cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "volta.models.cli",
+    "volta.data.cli",
+    "volta.data.tokenizer_cli",
+    "volta.dashboard",
+    "volta.eval.cli",
+)
 
 
 class UsageError(Exception):

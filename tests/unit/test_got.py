@@ -1,0 +1,180 @@
+"""GOT loss: padding has no influence, pruning scopes, a plain reference implementation, adversarial inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from bench.got import baseline_got
+from volta.losses.got import cosine_cost, got_loss, prune_cost
+
+SETTINGS: dict[str, Any] = dict(
+    wd_weight=0.1,
+    gwd_weight=0.1,
+    ipot_beta=0.5,
+    ipot_iters=30,
+    gw_beta=0.1,
+    gw_outer_iters=5,
+    gw_inner_iters=20,
+    prune_fraction=0.1,
+)
+
+
+def _batch(
+    dtype: torch.dtype = torch.float64, seed: int = 0, bsz: int = 4, patches: int = 12, tokens: int = 9
+):
+    gen = torch.Generator().manual_seed(seed)
+    concepts = torch.randn(6, 16, generator=gen, dtype=dtype)
+    image = torch.randn(bsz, patches, 6, generator=gen, dtype=dtype).softmax(-1) @ concepts
+    text = torch.randn(bsz, tokens, 6, generator=gen, dtype=dtype).softmax(-1) @ concepts
+    image = image + 0.3 * torch.randn(image.shape, generator=gen, dtype=dtype)
+    text = text + 0.3 * torch.randn(text.shape, generator=gen, dtype=dtype)
+    image_mask = torch.ones(bsz, patches, dtype=torch.bool)
+    image_mask[1, 9:] = False
+    image_mask[2, 0] = False
+    text_mask = torch.zeros(bsz, tokens, dtype=torch.bool)
+    for i, (start, stop) in enumerate([(1, 5), (0, 9), (1, 3), (2, 8)][:bsz]):
+        text_mask[i, start:stop] = True  # position 0 excluded in some rows, like a special token
+    return image, text, image_mask, text_mask
+
+
+@pytest.mark.parametrize(
+    ("dtype", "wd_tol", "gwd_tol"), [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-5, 1e-3)]
+)
+def test_padding_has_no_influence(dtype: torch.dtype, wd_tol: float, gwd_tol: float) -> None:
+    image, text, image_mask, text_mask = _batch(dtype)
+    image[~image_mask] = 1e6  # garbage under padding
+    text[~text_mask] = -3.0
+    out = got_loss(image, text, image_mask, text_mask, **SETTINGS)
+    assert out["plan"].shape == (4, 12, 9) and not out["plan"].requires_grad
+    for i in range(4):
+        v, t = image[i : i + 1][:, image_mask[i]], text[i : i + 1][:, text_mask[i]]
+        alone = got_loss(
+            v,
+            t,
+            torch.ones(v.shape[:2], dtype=torch.bool),
+            torch.ones(t.shape[:2], dtype=torch.bool),
+            **SETTINGS,
+        )
+        torch.testing.assert_close(out["wd"][i], alone["wd"][0], rtol=wd_tol, atol=0)
+        torch.testing.assert_close(out["gwd"][i], alone["gwd"][0], rtol=gwd_tol, atol=0)
+        plan = out["plan"][i]
+        torch.testing.assert_close(
+            plan[image_mask[i]][:, text_mask[i]], alone["plan"][0], rtol=wd_tol * 100, atol=1e-9
+        )
+        assert (plan[~image_mask[i]] == 0).all() and (plan[:, ~text_mask[i]] == 0).all()
+
+
+def test_matches_plain_reference_values_and_gradients() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float64)
+    grads = []
+    for fn in (lambda *x: got_loss(*x, **SETTINGS), baseline_got):
+        v, t = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+        out = fn(v, t, image_mask, text_mask)
+        out["loss"].backward()
+        grads.append((out["wd"].detach(), out["gwd"].detach(), v.grad, t.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_prune_threshold_per_sample_and_per_batch() -> None:
+    cost = torch.rand(3, 5, 4, dtype=torch.float64)
+    cost[1] = cost[1] * 3 + 1  # samples with different ranges
+    valid = torch.rand(3, 5, 4) > 0.3
+    per_sample = prune_cost(cost, valid, fraction=0.2)
+    per_batch = prune_cost(cost, valid, fraction=0.2, scope="batch")
+    for i in range(3):
+        values = cost[i][valid[i]]
+        thr = values.min() + 0.2 * (values.max() - values.min())
+        torch.testing.assert_close(per_sample[i], torch.relu(cost[i] - thr))
+    values = cost[valid]
+    torch.testing.assert_close(
+        per_batch, torch.relu(cost - values.min() - 0.2 * (values.max() - values.min()))
+    )
+    assert not torch.allclose(per_sample, per_batch)
+    torch.testing.assert_close(
+        prune_cost(cost[:1], valid[:1], fraction=0.2),
+        prune_cost(cost[:1], valid[:1], fraction=0.2, scope="batch"),
+    )
+
+
+def test_prune_scope_changes_got_only_across_samples() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float64)
+    text[1] = text[1] * 0.01 + image[1, :9]  # a sample whose cost range differs from the others
+    sample = got_loss(image, text, image_mask, text_mask, **SETTINGS, prune_scope="sample")
+    batch = got_loss(image, text, image_mask, text_mask, **SETTINGS, prune_scope="batch")
+    assert not torch.allclose(sample["wd"], batch["wd"])
+    one = [
+        got_loss(image[:1], text[:1], image_mask[:1], text_mask[:1], **SETTINGS, prune_scope=s)
+        for s in ("sample", "batch")
+    ]
+    torch.testing.assert_close(one[0]["loss"], one[1]["loss"])
+
+
+def test_cosine_cost_is_one_minus_cosine() -> None:
+    x, y = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    want = 1 - torch.nn.functional.cosine_similarity(x[:, :, None], y[:, None], dim=-1)
+    torch.testing.assert_close(cosine_cost(x, y), want)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: cosine_cost(z), (xg,))
+
+
+def _finite_run(image: torch.Tensor, text: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor):
+    v, t = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    out = got_loss(v, t, image_mask, text_mask, **SETTINGS)
+    out["loss"].backward()
+    assert (
+        torch.isfinite(out["loss"]) and torch.isfinite(out["wd"]).all() and torch.isfinite(out["gwd"]).all()
+    )
+    assert v.grad is not None and t.grad is not None
+    assert torch.isfinite(v.grad).all() and torch.isfinite(t.grad).all()
+    assert out["loss"].dtype == torch.float32
+    return out
+
+
+@pytest.mark.parametrize("case", ["identical", "zeros", "huge", "bf16", "one_token"])
+def test_adversarial_inputs_give_finite_loss_and_gradients(case: str) -> None:
+    image, text, image_mask, text_mask = _batch(torch.float32)
+    if case == "identical":
+        image[:] = 1.0
+        text[:] = 1.0
+    elif case == "zeros":
+        image[0] = 0.0
+        text[:] = 0.0
+    elif case == "huge":
+        image, text = image * 1e4, text * -1e4
+    elif case == "bf16":
+        image, text = image.bfloat16(), text.bfloat16()
+    elif case == "one_token":
+        text_mask[:] = False
+        text_mask[:, 2] = True
+    out = _finite_run(image, text, image_mask, text_mask)
+    if case == "identical":
+        torch.testing.assert_close(out["wd"], torch.zeros(4))
+    if case == "one_token":  # every patch sends all its mass to the one token: WD = mean pruned cost
+        assert torch.allclose(
+            out["plan"].sum(2)[image_mask], (1 / image_mask.sum(1, keepdim=True)).expand(-1, 12)[image_mask]
+        )
+
+
+def test_sample_without_tokens_contributes_zero_and_is_left_out_of_the_mean() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float32)
+    text_mask[3] = False
+    out = _finite_run(image, text, image_mask, text_mask)
+    assert out["wd"][3] == 0 and out["gwd"][3] == 0 and (out["plan"][3] == 0).all()
+    rest = got_loss(image[:3], text[:3], image_mask[:3], text_mask[:3], **SETTINGS)
+    torch.testing.assert_close(out["loss"], rest["loss"])
+    text_mask[:] = False
+    out = _finite_run(image, text, image_mask, text_mask)
+    assert out["loss"] == 0
+
+
+def test_autocast_does_not_change_the_result() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float32)
+    plain = got_loss(image, text, image_mask, text_mask, **SETTINGS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = got_loss(image, text, image_mask, text_mask, **SETTINGS)
+    assert mixed["loss"].dtype == torch.float32
+    torch.testing.assert_close(mixed["loss"], plain["loss"])

@@ -1,0 +1,94 @@
+"""ITM pair sampling (half negatives, never the same image, uniform or hard, seeded) and the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from volta.losses.itm import itm_loss, sample_itm_pairs
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("bsz", [2, 7, 16])
+def test_half_negatives_and_never_the_same_image(bsz: int) -> None:
+    ids = torch.arange(bsz) // 2  # two captions per image
+    if bsz == 2:
+        ids = torch.tensor([0, 1])
+    if bsz == 7:
+        ids = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    gen = _gen()
+    for _ in range(50):
+        index, labels = sample_itm_pairs(ids, generator=gen)
+        assert int((labels == 0).sum()) == bsz // 2
+        positives = labels == 1
+        assert (index[positives] == torch.arange(bsz)[positives]).all()
+        assert (ids[index[~positives]] != ids[~positives]).all()
+
+
+def test_rows_without_another_image_stay_positive() -> None:
+    ids = torch.tensor([5, 5, 5, 5, 5, 9])  # only row 5 (and rows pointing at it) can be negatives
+    index, labels = sample_itm_pairs(ids, generator=_gen())
+    assert int((labels == 0).sum()) == 3
+    assert (ids[index[labels == 0]] != ids[labels == 0]).all()
+    index, labels = sample_itm_pairs(torch.zeros(4, dtype=torch.long), generator=_gen())
+    assert (labels == 1).all() and (index == torch.arange(4)).all()
+
+
+def test_uniform_mode_is_roughly_uniform() -> None:
+    ids = torch.arange(8)
+    counts = torch.zeros(8, 8)
+    gen = _gen(1)
+    for _ in range(2000):
+        index, labels = sample_itm_pairs(ids, generator=gen)
+        for i in torch.nonzero(labels == 0).squeeze(1).tolist():
+            counts[i, index[i]] += 1
+    off = counts[~torch.eye(8, dtype=torch.bool)].view(8, 7)
+    freq = off / off.sum(1, keepdim=True)
+    assert (counts.diagonal() == 0).all()
+    assert (freq - 1 / 7).abs().max() < 0.05  # ~1000 draws per row
+
+
+def test_hard_mode_prefers_similar_rows() -> None:
+    ids = torch.arange(6)
+    similarity = torch.zeros(6, 6)
+    similarity[:, 3] = 4.0  # every caption finds image 3 very similar
+    similarity[3, 4] = 4.0
+    picks = torch.zeros(6)
+    gen = _gen(2)
+    for _ in range(300):
+        index, labels = sample_itm_pairs(ids, generator=gen, mode="hard", similarity=similarity)
+        for i in torch.nonzero(labels == 0).squeeze(1).tolist():
+            picks[index[i]] += 1
+            assert index[i] != i
+    assert picks[3] > 0.6 * picks.sum()
+
+
+def test_deterministic_under_a_seeded_generator() -> None:
+    ids = torch.arange(12) // 3
+    first = sample_itm_pairs(
+        ids, generator=_gen(7), mode="hard", similarity=torch.randn(12, 12, generator=_gen(3))
+    )
+    second = sample_itm_pairs(
+        ids, generator=_gen(7), mode="hard", similarity=torch.randn(12, 12, generator=_gen(3))
+    )
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    third = sample_itm_pairs(ids, generator=_gen(8))
+    fourth = sample_itm_pairs(ids, generator=_gen(8))
+    assert all(torch.equal(x, y) for x, y in zip(third, fourth))
+
+
+def test_hard_mode_requires_similarity() -> None:
+    with pytest.raises(ValueError, match="similarity"):
+        sample_itm_pairs(torch.arange(4), generator=None, mode="hard")
+
+
+def test_itm_loss_is_mean_cross_entropy_in_fp32() -> None:
+    logits = torch.randn(6, 2).bfloat16()
+    labels = torch.tensor([1, 0, 1, 0, 0, 1])
+    out = itm_loss(logits, labels)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.cross_entropy(logits.float(), labels))

@@ -1,0 +1,218 @@
+"""Batches as the task module sees them, and the collate functions that build them from decoded samples.
+
+:class:`VoltaBatch` carries two image views, two tokenised caption views with their MLM corruptions, an image id
+per sample (a hash of the image bytes, so ITM never uses the same picture as a negative), the sample keys, the
+skip counters of the worker that made it and the data position to resume after it. :class:`EvalBatch` carries
+un-augmented, un-cropped images with the token character offsets grounding evaluation needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from volta.losses.mlm import mask_tokens
+
+__all__ = ["EvalBatch", "EvalCollate", "TrainCollate", "VoltaBatch", "image_id", "num_special_ids"]
+
+_B = TypeVar("_B", bound="_TensorBatch")
+
+
+def image_id(image_bytes: bytes) -> int:
+    """A stable signed 64-bit id of an image: the first 8 bytes of its BLAKE2b digest (same bytes, same id)."""
+    return int.from_bytes(hashlib.blake2b(image_bytes, digest_size=8).digest(), "little", signed=True)
+
+
+def num_special_ids(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many ids from 0 up are special tokens: random MLM replacements are drawn above them."""
+    specials = set(tokenizer.all_special_ids)
+    n = 0
+    while n in specials:
+        n += 1
+    return n
+
+
+class _TensorBatch:
+    """Device moves and pinning over every tensor field of a dataclass batch; other fields are kept as-is."""
+
+    def _map_tensors(self: _B, fn: Any) -> _B:
+        changes = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to(self: _B, device: torch.device | str, non_blocking: bool = False) -> _B:
+        """A copy with every tensor moved to ``device``."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self: _B) -> _B:
+        """A copy with every tensor in pinned memory (called by DataLoader(pin_memory=True))."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+@dataclass
+class VoltaBatch(_TensorBatch):
+    """One training micro-batch: two image views, two caption views (tokenised and MLM-masked) per sample."""
+
+    images1: Tensor  # (B, 3, H, W) float32, ImageNet-normalised
+    images2: Tensor  # (B, 3, H, W)
+    input_ids1: Tensor  # (B, L) int64
+    attention_mask1: Tensor  # (B, L) int64, 1 = real token
+    special_tokens_mask1: Tensor  # (B, L) bool, True = special token or padding
+    input_ids2: Tensor  # (B, L)
+    attention_mask2: Tensor  # (B, L)
+    special_tokens_mask2: Tensor  # (B, L)
+    mlm_input_ids1: Tensor  # (B, L) input_ids1 with 15% of the real tokens corrupted (80/10/10)
+    mlm_labels1: Tensor  # (B, L) original ids at corrupted positions, -100 elsewhere
+    mlm_input_ids2: Tensor  # (B, L)
+    mlm_labels2: Tensor  # (B, L)
+    image_ids: Tensor  # (B,) int64 hash of the image bytes
+    keys: list[str]
+    # Samples skipped by reason in this worker since its previous batch (summed over workers by the trainer).
+    stats: dict[str, int] = field(default_factory=dict)
+    # {"epoch": e, "next_batch": k}: build_train_loader(epoch=e, start_batch=k) continues after this batch.
+    position: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples B."""
+        return int(self.images1.shape[0])
+
+
+@dataclass
+class EvalBatch(_TensorBatch):
+    """One evaluation batch: whole images resized to a square (no crop) and the tokenised original captions."""
+
+    images: Tensor  # (B, 3, S, S) float32, ImageNet-normalised
+    input_ids: Tensor  # (B, L)
+    attention_mask: Tensor  # (B, L)
+    special_tokens_mask: Tensor  # (B, L) bool, True = special token or padding
+    offsets: Tensor  # (B, L, 2) int64 character span [start, end) of each token in its caption
+    orig_sizes: Tensor  # (B, 2) int64 (width, height) of the stored image
+    image_ids: Tensor  # (B,) int64
+    captions: list[str]
+    metas: list[dict[str, Any]]
+    keys: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples B."""
+        return int(self.images.shape[0])
+
+
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, offsets: bool = False
+) -> dict[str, Tensor]:
+    enc = tokenizer(
+        list(texts),
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=offsets,
+        return_tensors="pt",
+    )
+    out = dict(enc)
+    # Padding must count as special so that MLM never selects it and GOT gives it no mass.
+    out["special_tokens_mask"] = enc["special_tokens_mask"].bool() | (enc["attention_mask"] == 0)  # (B, L)
+    return out
+
+
+class TrainCollate:
+    """Turn a list of decoded two-view samples into a :class:`VoltaBatch` (tokenise both views, MLM-mask them).
+
+    Each sample is a dict with ``key``, ``image_id``, ``image1``/``image2`` (3, H, W), ``caption1``/``caption2``
+    and ``mlm_seed``; the MLM corruption of a sample is drawn from its own generator seeded with ``mlm_seed``, so
+    it does not depend on which other samples share the batch.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, *, max_length: int, mlm_probability: float
+    ) -> None:
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token, which MLM needs")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.mlm_probability = mlm_probability
+        self.mask_token_id = int(tokenizer.mask_token_id)
+        self.vocab_size = len(tokenizer)
+        self.num_special_ids = num_special_ids(tokenizer)
+
+    def _mask(self, ids: Tensor, special: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        rows = [
+            mask_tokens(
+                ids[i : i + 1],
+                special[i : i + 1],
+                mask_token_id=self.mask_token_id,
+                vocab_size=self.vocab_size,
+                probability=self.mlm_probability,
+                generator=torch.Generator().manual_seed(seed),
+                num_special_ids=self.num_special_ids,
+            )
+            for i, seed in enumerate(seeds)
+        ]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])  # (B, L) each
+
+    def __call__(
+        self, samples: Sequence[dict[str, Any]], stats: dict[str, int], position: dict[str, int]
+    ) -> VoltaBatch:
+        """Build the batch; ``stats`` and ``position`` are attached unchanged."""
+        t1 = _tokenize(self.tokenizer, [s["caption1"] for s in samples], self.max_length)
+        t2 = _tokenize(self.tokenizer, [s["caption2"] for s in samples], self.max_length)
+        seeds = [int(s["mlm_seed"]) for s in samples]
+        # The two views get different streams from one per-sample seed (second view: seed + 1, mod 2**63).
+        m1_ids, m1_labels = self._mask(t1["input_ids"], t1["special_tokens_mask"], seeds)
+        m2_ids, m2_labels = self._mask(
+            t2["input_ids"], t2["special_tokens_mask"], [(s + 1) % (1 << 63) for s in seeds]
+        )
+        return VoltaBatch(
+            images1=torch.stack([s["image1"] for s in samples]),  # (B, 3, H, W)
+            images2=torch.stack([s["image2"] for s in samples]),  # (B, 3, H, W)
+            input_ids1=t1["input_ids"],
+            attention_mask1=t1["attention_mask"],
+            special_tokens_mask1=t1["special_tokens_mask"],
+            input_ids2=t2["input_ids"],
+            attention_mask2=t2["attention_mask"],
+            special_tokens_mask2=t2["special_tokens_mask"],
+            mlm_input_ids1=m1_ids,
+            mlm_labels1=m1_labels,
+            mlm_input_ids2=m2_ids,
+            mlm_labels2=m2_labels,
+            image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),  # (B,)
+            keys=[s["key"] for s in samples],
+            stats=dict(stats),
+            position=dict(position),
+        )
+
+
+class EvalCollate:
+    """Turn a list of decoded evaluation samples into an :class:`EvalBatch` (original captions, with offsets)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> EvalBatch:
+        """Build the batch from dicts with ``key``, ``image``, ``caption``, ``meta``, ``orig_size``, ``image_id``."""
+        tok = _tokenize(self.tokenizer, [s["caption"] for s in samples], self.max_length, offsets=True)
+        return EvalBatch(
+            images=torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            special_tokens_mask=tok["special_tokens_mask"],
+            offsets=tok["offset_mapping"].to(torch.int64),  # (B, L, 2)
+            orig_sizes=torch.tensor([s["orig_size"] for s in samples], dtype=torch.int64),  # (B, 2)
+            image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),  # (B,)
+            captions=[s["caption"] for s in samples],
+            metas=[s["meta"] for s in samples],
+            keys=[s["key"] for s in samples],
+        )
