@@ -1,0 +1,163 @@
+"""Pointing game: phrase matching by character offsets, patch geometry, baselines and hits on constructed plans."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import volta.eval.grounding as grounding
+from volta.config import LossConfig
+from volta.data.batch import EvalBatch
+from volta.eval.grounding import (
+    GroundingTally,
+    PhraseResult,
+    center_patch_index,
+    find_phrase_spans,
+    ground_batch,
+    patch_centers,
+    phrase_targets,
+    phrase_token_mask,
+    point_phrase,
+)
+from volta.models.volta_model import VoLTAOutputs
+
+
+def test_find_phrase_spans_is_case_insensitive_and_whole_word() -> None:
+    caption = "A Red  Circle near a reddish circle and a red circle"
+    assert find_phrase_spans(caption, "red circle") == [(2, 13), (42, 52)]
+    assert find_phrase_spans(caption, "red") == [(2, 5), (42, 45)]  # not inside "reddish"
+    assert find_phrase_spans(caption, "blue star") == []
+
+
+def test_phrase_token_mask_uses_offset_overlap_and_skips_specials() -> None:
+    # "<s> a red cir cle </s> <pad>": the phrase "red circle" spans [2, 12).
+    offsets = torch.tensor([[0, 0], [0, 1], [2, 5], [6, 9], [9, 12], [0, 0], [0, 0]])
+    valid = torch.tensor([False, True, True, True, True, False, False])
+    mask = phrase_token_mask(offsets, valid, [(2, 12)])
+    assert mask.tolist() == [False, False, True, True, True, False, False]
+    # A zero-length token at the span start (a trimmed space) does not overlap.
+    offsets2 = torch.tensor([[2, 2], [2, 5]])
+    assert phrase_token_mask(offsets2, torch.ones(2, dtype=torch.bool), [(2, 5)]).tolist() == [False, True]
+
+
+def test_patch_centers_map_the_grid_onto_the_stored_image() -> None:
+    centers = patch_centers((2, 2), 100, 50)
+    assert centers.tolist() == [[25.0, 12.5], [75.0, 12.5], [25.0, 37.5], [75.0, 37.5]]
+    assert center_patch_index((3, 3)) == 4
+    assert center_patch_index((2, 2)) == 3
+
+
+def test_point_phrase_hits_misses_and_baselines_by_hand() -> None:
+    centers = patch_centers((3, 3), 90, 90)  # centres at 15, 45, 75 on both axes
+    corner = [(0.0, 0.0, 40.0, 40.0)]  # holds only the centre (15, 15) of patch 0
+    mass = torch.zeros(9)
+    mass[0] = 1.0
+    assert point_phrase(mass, centers, corner, 4) == (True, pytest.approx(1 / 9), False)
+    mass = torch.zeros(9)
+    mass[4] = 1.0
+    assert point_phrase(mass, centers, corner, 4)[0] is False
+    # Two boxes for one phrase: a hit in either counts; the random baseline is the union's share of centres.
+    two = [(0.0, 0.0, 40.0, 40.0), (30.0, 30.0, 60.0, 20.0)]  # second holds (45, 45) and (75, 45)
+    assert point_phrase(mass, centers, two, 4) == (True, pytest.approx(3 / 9), True)
+
+
+def test_phrase_targets_merge_boxes_and_drop_absent_or_malformed() -> None:
+    meta = {
+        "boxes": [
+            {"phrase": "red circle", "bbox": [0, 0, 10, 10], "type": "shape"},
+            {"phrase": "Red Circle", "bbox": [20, 20, 5, 5], "type": "shape"},
+            {"phrase": "green square", "bbox": [0, 0, 5, 5]},  # not in the caption
+            {"phrase": "blue", "bbox": [1, 2]},  # malformed
+            {"bbox": [0, 0, 1, 1]},  # no phrase
+        ]
+    }
+    targets = phrase_targets("a red circle and a blue star", meta)
+    assert len(targets) == 1
+    assert targets[0].boxes == ((0, 0, 10, 10), (20, 20, 5, 5)) and targets[0].spans == ((2, 12),)
+    assert phrase_targets("anything", {}) == []
+
+
+def _batch() -> EvalBatch:
+    # Word-level toy tokenisation of "a red circle and a blue star" with <s>, </s> and one padding token.
+    caption = "a red circle and a blue star"
+    spans = [(0, 0), (0, 1), (2, 5), (6, 12), (13, 16), (17, 18), (19, 23), (24, 28), (0, 0), (0, 0)]
+    special = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    meta: dict[str, Any] = {
+        "boxes": [
+            {"phrase": "red circle", "bbox": [0, 0, 100, 50], "type": "object"},
+            {"phrase": "blue star", "bbox": [100, 50, 100, 50], "type": "object"},
+            {"phrase": "star", "bbox": [100, 50, 100, 50], "type": "word"},
+            {"phrase": "green square", "bbox": [0, 0, 200, 100], "type": "object"},
+        ]
+    }
+    return EvalBatch(
+        images=torch.zeros(1, 3, 8, 8),
+        input_ids=torch.arange(10)[None],
+        attention_mask=torch.tensor([[1] * 9 + [0]]),
+        special_tokens_mask=special,
+        offsets=torch.tensor([spans]),
+        orig_sizes=torch.tensor([[200, 100]]),  # 2x2 grid: centres (50,25) (150,25) (50,75) (150,75)
+        image_ids=torch.tensor([0]),
+        captions=[caption],
+        metas=[meta],
+        keys=["k0"],
+    )
+
+
+def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = _batch()
+    plan = torch.zeros(1, 4, 10)
+    plan[0, 0, 2:4] = 0.1  # "red circle" -> patch 0, inside its box: hit
+    plan[0, 3, 2:4] = 0.05  # some mass elsewhere, less than on patch 0
+    plan[0, 1, 6:8] = 0.1  # "blue star" -> patch 1, outside its box (patch 3): miss
+    plan[0, 3, 7] = 0.15  # ... but "star" alone peaks on patch 3: hit
+    seen: dict[str, torch.Tensor] = {}
+
+    def fake_plans(model: Any, outputs: Any, text_mask: torch.Tensor, loss: Any) -> torch.Tensor:
+        seen["text_mask"] = text_mask
+        return plan
+
+    monkeypatch.setattr(grounding, "transport_plans", fake_plans)
+    outputs = VoLTAOutputs(
+        torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
+    )
+    results = ground_batch(None, batch, outputs, LossConfig())  # type: ignore[arg-type]
+    # Special tokens and padding never get mass (VOLTA.md defect 2).
+    assert seen["text_mask"].tolist() == [[False] + [True] * 7 + [False, False]]
+    by_phrase = {r.phrase: r for r in results}
+    assert set(by_phrase) == {"red circle", "blue star", "star"}
+    assert by_phrase["red circle"].hit and not by_phrase["blue star"].hit and by_phrase["star"].hit
+    assert by_phrase["red circle"].random == 0.25 and not by_phrase["red circle"].center
+    assert by_phrase["blue star"].center  # the centre patch of a 2x2 grid is (1, 1) = patch 3
+
+    tally = GroundingTally()
+    tally.add(results)
+    summary = tally.summary()
+    assert summary["acc"] == pytest.approx(2 / 3) and summary["n"] == 3
+    assert summary["acc/object"] == 0.5 and summary["n/object"] == 2
+    assert summary["acc/word"] == 1.0 and summary["center/word"] == 1.0
+    assert summary["random"] == 0.25
+
+
+def test_special_tokens_get_mass_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, torch.Tensor] = {}
+
+    def fake_plans(model: Any, outputs: Any, text_mask: torch.Tensor, loss: Any) -> torch.Tensor:
+        seen["text_mask"] = text_mask
+        return torch.ones(1, 4, 10)
+
+    monkeypatch.setattr(grounding, "transport_plans", fake_plans)
+    outputs = VoLTAOutputs(
+        torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
+    )
+    ground_batch(None, _batch(), outputs, LossConfig(got_include_special_tokens=True))  # type: ignore[arg-type]
+    assert seen["text_mask"].tolist() == [[True] * 9 + [False]]
+
+
+def test_tally_is_empty_without_phrases() -> None:
+    assert GroundingTally().summary() == {}
+    tally = GroundingTally()
+    tally.add([PhraseResult("k", "p", "a b", True, 0.5, False)])
+    assert tally.summary()["acc/a_b"] == 1.0

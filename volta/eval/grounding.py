@@ -1,0 +1,294 @@
+"""Weakly-supervised grounding from GOT transport plans: the pointing game against phrase boxes.
+
+For every sample whose JSON holds ``boxes`` (``{"phrase", "bbox": [x, y, w, h], "type"}`` in stored-image pixels)
+the GOT plan between the image patches and the caption tokens is computed exactly as in training (GOT projectors,
+``loss.*`` solver settings, special tokens and padding without mass). For each phrase that occurs in the caption
+(case-insensitive, whole words), the plan mass of the tokens whose character spans overlap the phrase is summed
+per patch; the phrase is a *hit* when the centre of the patch with the most mass, mapped back to the stored image,
+lies inside one of the phrase's boxes (boxes sharing a phrase are one target). Two baselines are reported: the
+expected hit rate of a uniformly random patch (the fraction of patch centres inside the target) and the centre
+patch (row ``h // 2``, column ``w // 2`` of the grid).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from volta.config import LossConfig
+from volta.data.batch import EvalBatch
+from volta.losses.got import got_loss
+from volta.models.volta_model import VoLTAModel, VoLTAOutputs
+
+__all__ = [
+    "GroundingTally",
+    "PhraseResult",
+    "PhraseTarget",
+    "center_patch_index",
+    "find_phrase_spans",
+    "got_text_mask",
+    "grid_shape",
+    "ground_batch",
+    "inside_boxes",
+    "patch_centers",
+    "phrase_targets",
+    "phrase_token_mask",
+    "point_phrase",
+    "transport_plans",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def grid_shape(num_patches: int) -> tuple[int, int]:
+    """The ``(h, w)`` token grid of a square input with ``num_patches`` final Swin tokens (h = w)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} image tokens do not form a square grid")
+    return side, side
+
+
+def patch_centers(grid: tuple[int, int], width: float, height: float) -> Tensor:
+    """Centres ``(P, 2)`` as (x, y) pixels of an ``h x w`` patch grid laid over a ``width x height`` image.
+
+    The model sees the image resized whole (no crop) to a square, so the grid maps linearly onto the stored
+    image; patches are flattened row-major as the model flattens its tokens.
+    """
+    h, w = grid
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (width / w)  # (w,)
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * (height / h)  # (h,)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)  # (P, 2)
+
+
+def center_patch_index(grid: tuple[int, int]) -> int:
+    """Row-major index of the centre patch (row ``h // 2``, column ``w // 2``)."""
+    h, w = grid
+    return (h // 2) * w + w // 2
+
+
+def inside_boxes(points: Tensor, boxes: Sequence[Sequence[float]]) -> Tensor:
+    """Whether each point ``(P, 2)`` lies inside (borders included) at least one ``[x, y, w, h]`` box: ``(P,)``."""
+    inside = torch.zeros(points.shape[0], dtype=torch.bool)
+    for x, y, w, h in boxes:
+        inside |= (
+            (points[:, 0] >= x) & (points[:, 0] <= x + w) & (points[:, 1] >= y) & (points[:, 1] <= y + h)
+        )
+    return inside
+
+
+def point_phrase(
+    patch_mass: Tensor, centers: Tensor, boxes: Sequence[Sequence[float]], center_index: int
+) -> tuple[bool, float, bool]:
+    """Score one phrase: (hit of the max-mass patch, random-patch hit rate, hit of the centre patch).
+
+    ``patch_mass (P,)`` is the phrase's transport mass per patch and ``centers (P, 2)`` the patch centres in the
+    boxes' pixel frame.
+    """
+    inside = inside_boxes(centers, boxes)  # (P,)
+    best = int(torch.argmax(patch_mass))
+    return bool(inside[best]), float(inside.double().mean()), bool(inside[center_index])
+
+
+# ------------------------------------------------------------------------------------------------- text
+def find_phrase_spans(caption: str, phrase: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of every whole-word, case-insensitive occurrence of ``phrase``."""
+    words = phrase.strip().split()
+    if not words:
+        return []
+    # Any run of whitespace between the phrase's words; no letter or digit glued to either end.
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return [(m.start(), m.end()) for m in re.finditer(pattern, caption, flags=re.IGNORECASE)]
+
+
+def phrase_token_mask(offsets: Tensor, valid: Tensor, spans: Sequence[tuple[int, int]]) -> Tensor:
+    """Tokens ``(T,)`` whose character span overlaps one of ``spans``, among the ``valid (T,)`` tokens.
+
+    ``offsets (T, 2)`` are ``[start, end)`` character spans (special tokens and padding have empty spans, so
+    they never overlap anything).
+    """
+    start, end = offsets[:, 0], offsets[:, 1]  # (T,) each
+    hit = torch.zeros(offsets.shape[0], dtype=torch.bool)
+    for s, e in spans:
+        hit |= (start < e) & (end > s) & (end > start)
+    return hit & valid.bool()
+
+
+@dataclass(frozen=True)
+class PhraseTarget:
+    """One phrase of a caption to ground: its text, type, boxes ``[x, y, w, h]`` and caption spans."""
+
+    phrase: str
+    type: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+def phrase_targets(caption: str, meta: Mapping[str, Any]) -> list[PhraseTarget]:
+    """The groundable phrases of a sample: ``meta["boxes"]`` entries whose phrase occurs in ``caption``.
+
+    Boxes with the same phrase (case-insensitive) are merged into one target; malformed entries are skipped.
+    """
+    raw = meta.get("boxes")
+    if not isinstance(raw, list):
+        return []
+    grouped: dict[str, tuple[str, str, list[tuple[float, float, float, float]]]] = {}
+    for entry in raw:
+        if not isinstance(entry, Mapping):
+            continue
+        phrase, bbox = entry.get("phrase"), entry.get("bbox")
+        if not isinstance(phrase, str) or not phrase.strip():
+            continue
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            continue
+        try:
+            box = tuple(float(v) for v in bbox)
+        except (TypeError, ValueError):
+            continue
+        if box[2] <= 0 or box[3] <= 0:
+            continue
+        kind = str(entry.get("type") or "phrase")
+        key = " ".join(phrase.lower().split())
+        grouped.setdefault(key, (phrase, kind, []))[2].append(box)  # type: ignore[arg-type]
+    targets = []
+    for phrase, kind, boxes in grouped.values():
+        spans = find_phrase_spans(caption, phrase)
+        if spans:
+            targets.append(PhraseTarget(phrase, kind, tuple(boxes), tuple(spans)))
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ model
+def got_text_mask(
+    attention_mask: Tensor, special_tokens_mask: Tensor, *, include_special: bool = False
+) -> Tensor:
+    """Text tokens that receive transport mass ``(B, T)``: real tokens, minus special tokens unless included."""
+    real = attention_mask.bool()
+    return real if include_special else real & ~special_tokens_mask.bool()
+
+
+def transport_plans(model: VoLTAModel, outputs: VoLTAOutputs, text_mask: Tensor, loss: LossConfig) -> Tensor:
+    """GOT transport plans ``(B, P, T)`` (float32) between image patches and caption tokens, as in training.
+
+    Uses the model's GOT projectors and :func:`~volta.losses.got.got_loss` with the ``loss`` settings;
+    ``text_mask (B, T)`` marks the tokens that get mass (see :func:`got_text_mask`).
+    """
+    g = model.got_projections(outputs)
+    res = got_loss(
+        g.image,
+        g.text,
+        g.image_mask,
+        text_mask.to(g.text.device) & g.text_mask,
+        wd_weight=loss.wd_weight,
+        gwd_weight=loss.gwd_weight,
+        ipot_beta=loss.ipot_beta,
+        ipot_iters=loss.ipot_iters,
+        gw_beta=loss.gw_beta,
+        gw_outer_iters=loss.gw_outer_iters,
+        gw_inner_iters=loss.gw_inner_iters,
+        prune_fraction=loss.prune_fraction,
+        prune_scope=loss.prune_scope,
+    )
+    return res["plan"].float()  # (B, P, T)
+
+
+@dataclass(frozen=True)
+class PhraseResult:
+    """The pointing-game outcome of one phrase: model hit, random-patch hit rate, centre-patch hit."""
+
+    key: str
+    phrase: str
+    type: str
+    hit: bool
+    random: float
+    center: bool
+
+
+def ground_batch(
+    model: VoLTAModel, batch: EvalBatch, outputs: VoLTAOutputs, loss: LossConfig
+) -> list[PhraseResult]:
+    """Play the pointing game on every groundable phrase of ``batch`` from the model's dual-encoder ``outputs``.
+
+    Only samples with at least one groundable phrase are sent through OT. Phrases whose tokens were all cut by
+    truncation are left out.
+    """
+    targets = [phrase_targets(c, m) for c, m in zip(batch.captions, batch.metas)]
+    rows = [i for i, t in enumerate(targets) if t]
+    if not rows:
+        return []
+    text_mask = got_text_mask(
+        batch.attention_mask, batch.special_tokens_mask, include_special=loss.got_include_special_tokens
+    )
+    if len(rows) < batch.batch_size:
+        index = torch.tensor(rows, device=outputs.image_tokens.device)
+        outputs = VoLTAOutputs(
+            outputs.image_tokens[index], outputs.text_tokens[index], outputs.text_mask[index], outputs.fused
+        )
+        text_mask = text_mask[rows]
+    plans = transport_plans(model, outputs, text_mask, loss).cpu()  # (R, P, T)
+    grid = grid_shape(plans.shape[1])
+    center = center_patch_index(grid)
+    results: list[PhraseResult] = []
+    for r, i in enumerate(rows):
+        width, height = (float(v) for v in batch.orig_sizes[i].tolist())
+        centers = patch_centers(grid, width, height)  # (P, 2) in stored-image pixels
+        for target in targets[i]:
+            tokens = phrase_token_mask(batch.offsets[i], text_mask[r].cpu(), target.spans)  # (T,)
+            if not bool(tokens.any()):
+                log.debug("%s: phrase %r lost to truncation", batch.keys[i], target.phrase)
+                continue
+            mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
+            hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
+            results.append(PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ tally
+def _metric_name(kind: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", kind) or "phrase"
+
+
+@dataclass
+class GroundingTally:
+    """Running pointing-game totals, overall and per phrase type."""
+
+    results: list[PhraseResult] = field(default_factory=list)
+
+    def add(self, results: Iterable[PhraseResult]) -> None:
+        """Add the outcomes of some phrases."""
+        self.results.extend(results)
+
+    @property
+    def count(self) -> int:
+        """Number of phrases scored."""
+        return len(self.results)
+
+    def summary(self) -> dict[str, float]:
+        """``acc``, ``random``, ``center`` (fractions) and ``n`` overall, and ``acc/<type>``, ``random/<type>``,
+        ``center/<type>``, ``n/<type>`` per phrase type; empty when no phrase was scored."""
+        if not self.results:
+            return {}
+        out = _rates(self.results)
+        kinds = sorted({r.type for r in self.results})
+        for kind in kinds:
+            for name, value in _rates([r for r in self.results if r.type == kind]).items():
+                out[f"{name}/{_metric_name(kind)}"] = value
+        return out
+
+
+def _rates(results: Sequence[PhraseResult]) -> dict[str, float]:
+    n = len(results)
+    return {
+        "acc": sum(r.hit for r in results) / n,
+        "random": sum(r.random for r in results) / n,
+        "center": sum(r.center for r in results) / n,
+        "n": float(n),
+    }
