@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from volta.config import (
     config_from_dict,
     dump_config,
     load_config,
+    resolve_local_paths,
     total_steps,
 )
 
@@ -347,17 +347,18 @@ def build_tuner(
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=config.train.seed)
-    else:
-        search_alg = BasicVariantGenerator(random_state=config.train.seed)
     # A grid visits every combination once; repeating it would rerun identical trials.
     num_samples = 1 if sweep.algorithm == "grid" else sweep.num_samples
+    concurrent = max_concurrent_trials(cluster, per_trial_resources(config), sweep.max_concurrent_trials)
+    if sweep.algorithm != "optuna":
+        # Tune applies TuneConfig.max_concurrent_trials only to Searchers; the variant generator takes its own.
+        search_alg = BasicVariantGenerator(random_state=config.train.seed, max_concurrent=concurrent)
     scheduler = ASHAScheduler(
         time_attr="step",
         max_t=steps,
         grace_period=sweep.grace_period,
         reduction_factor=sweep.reduction_factor,
     )
-    concurrent = max_concurrent_trials(cluster, per_trial_resources(config), sweep.max_concurrent_trials)
     log.info(
         "sweep %r: %s search, %s trials, %d at a time, ASHA on %s (%s) over %d steps",
         sweep.name,
@@ -379,7 +380,7 @@ def build_tuner(
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=num_samples,
-            max_concurrent_trials=concurrent,
+            max_concurrent_trials=concurrent if sweep.algorithm == "optuna" else None,
             trial_name_creator=namer,
             trial_dirname_creator=namer,
         ),
@@ -559,15 +560,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _validated(args: argparse.Namespace) -> tuple[VoltaConfig, int]:
+def _validated(args: argparse.Namespace) -> tuple[VoltaConfig, VoltaConfig, int]:
+    """The recipe as written (the best recipe keeps its paths portable), the recipe the trials run (local paths
+    absolute: Ray workers run in their own folders) and the run length in steps.
+    """
     from volta.data.factory import samples_per_epoch
 
-    config = load_config(args.config, args.overrides)
-    validate_sweep(config)
+    recipe = load_config(args.config, args.overrides)
+    validate_sweep(recipe)
+    config = resolve_local_paths(recipe)
     preflight(config)
     steps = total_steps(config, samples_per_epoch(config))
     validate_sweep(config, steps)
-    return config, steps
+    return recipe, config, steps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -577,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config, steps = _validated(args)
+        recipe, config, steps = _validated(args)
     except (ConfigError, SweepError) as err:
         print(f"volta-sweep: config error: {err}", file=sys.stderr)
         return 2
@@ -587,15 +592,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(f"volta-sweep: {args.config}: sweep valid, storage and shards reachable", file=sys.stderr)
         return 0
-    # Trials and their Train workers keep the launch directory, so relative recipe paths (data/synth/...)
-    # resolve as they do for `volta-pretrain`.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True)
+        # Ray Train's placement-group cleaner asks the State API (served by the dashboard) whether a trial's
+        # controller is gone; without it the workers' resources of an early-stopped trial are never released.
+        ray.init(address=config.ray.address, include_dashboard=True, dashboard_host="127.0.0.1")
     started = time.monotonic()
     try:
+        if config.tracking.uri:
+            # Created once here: trials starting together would otherwise race to create it.
+            from orchestration.tracking import ensure_experiment
+
+            ensure_experiment(config.tracking.uri, config.tracking.experiment)
         tuner, resumed = build_tuner(config, steps, ray.cluster_resources())
         results = tuner.fit()
     except Exception as err:
@@ -605,15 +614,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["resumed"] = resumed
     summary["duration_s"] = round(time.monotonic() - started, 1)
     best = summary["best"]
-    recipe: Path | None = None
+    best_path: Path | None = None
     if best is not None:
-        recipe = write_best_recipe(
-            best_recipe(config.model_dump(mode="json"), best["values"]),
+        best_path = write_best_recipe(
+            best_recipe(recipe.model_dump(mode="json"), best["values"]),
             sweep_dir(config) / "best-recipe.yaml",
         )
-        summary["best_recipe"] = str(recipe)
+        summary["best_recipe"] = str(best_path)
     try:
-        summary["tracking_run_id"] = record_sweep(config, summary, recipe)
+        summary["tracking_run_id"] = record_sweep(config, summary, best_path)
     except Exception as err:  # the dashboard is a view; the sweep's result stands without it
         log.warning("could not record the sweep in %s: %s", config.tracking.uri, err)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))

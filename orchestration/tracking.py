@@ -32,6 +32,27 @@ def flat_params(config: VoltaConfig) -> dict[str, str]:
     return out
 
 
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing; a concurrent creator (another trial) is tolerated."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Make sure experiment ``name`` exists on the tracking server at ``uri``; return its id."""
+    from mlflow.tracking import MlflowClient
+
+    return _experiment_id(MlflowClient(tracking_uri=uri), name)
+
+
 class Tracker:
     """A thin MLflow client: params once, metrics per step, artifacts, finish."""
 
@@ -47,10 +68,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=config.tracking.uri)
-        exp = client.get_experiment_by_name(config.tracking.experiment)
-        exp_id = (
-            exp.experiment_id if exp is not None else client.create_experiment(config.tracking.experiment)
-        )
+        exp_id = _experiment_id(client, config.tracking.experiment)
         name = config.ray.run_name
         found = client.search_runs([exp_id], filter_string=f"tags.`volta.run_name` = '{name}'", max_results=1)
         if found:

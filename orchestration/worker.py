@@ -7,7 +7,9 @@ on CPU with gloo), restores from ``ray.train.get_checkpoint()`` when there is on
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +40,33 @@ def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def _record_placement(loader: Any, path: Path, rank: int, world: int, epoch: int) -> Any:
+    """Yield the loader's batches; on the first one, write where this rank runs and which samples it reads.
+
+    The file (node id, host, pid, first batch keys) lets a person or a test see how a run spread over nodes.
+    """
+    import socket
+
+    import ray
+
+    first = True
+    for batch in loader:
+        if first:
+            first = False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            info = {
+                "rank": rank,
+                "world_size": world,
+                "epoch": epoch,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "first_batch_keys": list(getattr(batch, "keys", [])),
+            }
+            path.write_text(json.dumps(info))
+        yield batch
 
 
 def run_dir(config: VoltaConfig) -> Path:
@@ -112,9 +141,10 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
     tracker = Tracker.start(config) if rank == 0 else None
 
     def make_loader(epoch: int, start_micro: int) -> Any:
-        return build_train_loader(
+        loader = build_train_loader(
             config, tokenizer, rank=rank, world_size=world, epoch=epoch, start_batch=start_micro
         )
+        return _record_placement(loader, out_dir / "workers" / f"rank-{rank}.json", rank, world, epoch)
 
     def on_step(st: LoopState, metrics: dict[str, float]) -> None:
         if rank == 0:

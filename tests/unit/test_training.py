@@ -255,3 +255,37 @@ def test_preemption_checkpoints_once() -> None:
         LoopHooks(make_loader=_data(6), preempted=lambda: True, checkpoint=lambda s, m: calls.append(s.step)),
     )
     assert calls == [1, 6]
+
+
+def test_resume_is_exact_even_when_creating_the_loader_draws_random_numbers(tmp_path: Path) -> None:
+    # A DataLoader draws its base seed from the global generator when iterated: a resumed run creates its loader
+    # at a different step than the uninterrupted one, which must not change the step's dropout masks.
+    base = _data(6)
+
+    def drawing_loader(epoch: int, start: int) -> list[dict[str, Any]]:
+        torch.rand(3)
+        return base(epoch, start)
+
+    full_losses: list[float] = []
+    train(
+        _engine(),
+        _settings(6),
+        LoopHooks(make_loader=drawing_loader, on_step=lambda s, m: full_losses.append(m["train/loss"])),
+    )
+    first = _engine()
+    saved = tmp_path / "c"
+    train(
+        first,
+        _settings(2),  # mid-epoch: the resumed run creates a loader where the uninterrupted one does not
+        LoopHooks(make_loader=drawing_loader, checkpoint=lambda s, m: first.save(saved, s.to_dict())),
+    )
+    resumed = _engine()
+    state = LoopState.from_dict(resumed.load(saved))
+    tail: list[float] = []
+    train(
+        resumed,
+        _settings(6),
+        LoopHooks(make_loader=drawing_loader, on_step=lambda s, m: tail.append(m["train/loss"])),
+        state,
+    )
+    assert tail == pytest.approx(full_losses[2:], rel=1e-6)

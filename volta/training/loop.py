@@ -2,8 +2,9 @@
 
 It drives an :class:`~volta.training.engine.Engine` and knows nothing about Ray or DeepSpeed: collectives
 (``any_rank``) and side effects (logging, checkpoint + report, validation) are injected as :class:`LoopHooks`.
-Randomness is reseeded from ``(seed, rank, step)`` at every optimizer step, so a run resumed from a checkpoint
-draws the same dropout masks and ITM negatives as an uninterrupted one without storing generator states.
+Randomness is reseeded from ``(seed, rank, step, micro-batch)`` before every forward pass, so a run resumed from
+a checkpoint draws the same dropout masks and ITM negatives as an uninterrupted one without storing generator
+states.
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ class LoopSettings:
     max_nonfinite_in_row: int = 10
 
 
-def seed_step(seed: int, rank: int, step: int) -> None:
-    """Seed torch, numpy and random from (seed, rank, step): every step's randomness is a pure function of them."""
-    value = (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
+def seed_step(seed: int, rank: int, step: int, micro: int = 0) -> None:
+    """Seed torch, numpy and random from (seed, rank, step, micro-batch): randomness is a pure function of them."""
+    value = (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % (2**31 - 1)
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
@@ -143,13 +144,14 @@ def train(
     preempt_saved = False
     engine.module.train()
     while state.step < settings.total_steps:
-        seed_step(settings.seed, settings.rank, state.step)
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         good = 0
-        for _ in range(settings.grad_accum):
+        for micro in range(settings.grad_accum):
             batch = batches.next()
             _merge_stats(state.data_skipped, getattr(batch, "stats", None))
+            # Seeded after fetching: creating a loader (as a resumed run does) draws from the global generator.
+            seed_step(settings.seed, settings.rank, state.step, micro)
             out = engine.forward(batch)
             loss = out["loss"]
             if hooks.any_rank(not is_finite(loss)):
