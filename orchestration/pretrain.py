@@ -107,7 +107,7 @@ def build_trainer(config: VoltaConfig) -> Any:
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
         ),
-        run_config=ray.train.RunConfig(
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # mypy sees the Train V1 class
             name=r.run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,

@@ -69,6 +69,41 @@ def _record_placement(loader: Any, path: Path, rank: int, world: int, epoch: int
         yield batch
 
 
+def _render_validation_heatmaps(
+    model: Any, config: VoltaConfig, tokenizer: Any, folder: Path, step: int
+) -> Path | None:
+    """Word-to-region heat maps of the first ``eval.heatmap_samples`` validation samples (boxes drawn)."""
+    from volta.data.factory import build_eval_loader
+    from volta.eval.heatmap import render_heatmaps
+
+    assert config.data.val_shards is not None
+    loader = build_eval_loader(
+        config.data.val_shards,
+        tokenizer,
+        image_size=config.model.image.img_size,
+        max_length=config.model.text.max_length,
+        batch_size=config.eval.heatmap_samples,
+        max_samples=config.eval.heatmap_samples,
+        endpoint_url=config.storage.endpoint_url,
+        region=config.storage.region,
+    )
+    batch = next(iter(loader), None)
+    if batch is None:
+        return None
+    boxes = [list(meta.get("boxes", [])) for meta in batch.metas]
+    sizes = [(int(w), int(h)) for w, h in batch.orig_sizes.tolist()]
+    return render_heatmaps(
+        model,
+        config,
+        tokenizer,
+        list(batch.images),
+        batch.captions,
+        folder / f"step-{step:08d}.png",
+        boxes,
+        image_sizes=sizes,
+    )
+
+
 def run_dir(config: VoltaConfig) -> Path:
     """Local folder of this run's files (metrics JSON lines, exported weights, pictures)."""
     return Path(config.train.output_dir) / config.ray.run_name
@@ -173,6 +208,29 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
     def report_only(st: LoopState, metrics: dict[str, float]) -> None:
         ray.train.report(metrics)
 
+    def validate(st: LoopState) -> dict[str, float]:
+        # Rank 0 only: evaluation runs the model in eval mode (running BatchNorm statistics, no collectives),
+        # while the other ranks go on and wait for rank 0 in the next step's collectives.
+        if rank != 0 or not config.data.val_shards:
+            return {}
+        from volta.eval.validate import run_validation
+
+        metrics = run_validation(
+            task.model,
+            config,
+            tokenizer,
+            shards=config.data.val_shards,
+            device=device,
+            max_samples=config.eval.max_samples,
+        )
+        if config.eval.heatmap_samples > 0:
+            picture = _render_validation_heatmaps(
+                task.model, config, tokenizer, out_dir / "heatmaps", st.step
+            )
+            if tracker is not None and picture is not None:
+                tracker.log_artifact(str(picture), "heatmaps")
+        return metrics
+
     def preempted() -> bool:
         return ray.train.get_preemption_info() is not None
 
@@ -193,6 +251,7 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
         any_rank=_any_rank,
         on_step=on_step,
         checkpoint=save_and_report,
+        validate=validate,
         report=report_only,
         preempted=preempted,
     )

@@ -79,8 +79,15 @@ def make_batch(config: VoltaConfig, b: int = 8, seed: int = 0) -> FakeBatch:
     return FakeBatch(
         images1=torch.randn(b, 3, size, size, generator=g),
         images2=torch.randn(b, 3, size, size, generator=g),
-        input_ids1=ids1, attention_mask1=attn1, special_tokens_mask1=sp1,
-        input_ids2=ids2, attention_mask2=attn2, special_tokens_mask2=sp2,
-        mlm_input_ids1=m1, mlm_labels1=l1, mlm_input_ids2=m2, mlm_labels2=l2,
+        input_ids1=ids1,
+        attention_mask1=attn1,
+        special_tokens_mask1=sp1,
+        input_ids2=ids2,
+        attention_mask2=attn2,
+        special_tokens_mask2=sp2,
+        mlm_input_ids1=m1,
+        mlm_labels1=l1,
+        mlm_input_ids2=m2,
+        mlm_labels2=l2,
         image_ids=torch.arange(b, dtype=torch.long) * 7919,
     )

@@ -23,6 +23,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "volta.data.tokenizer_cli",
     "volta.dashboard",
     "volta.eval.cli",
+    "volta.training.report",
 )
 
 
@@ -88,4 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run through the importable module so that `python -m volta.cli` and the console script share one
+    # UsageError class (the command modules import it from volta.cli, not from __main__).
+    from volta.cli import main as _main
+
+    raise SystemExit(_main())

@@ -192,7 +192,12 @@ class VoLTATask(nn.Module):
         return ce_sum * world[1] / world[0]
 
     def _itm(
-        self, batch: Any, v: _View, img_p: ImagePrefix | None, txt_p: TextPrefix | None, dual: VoLTAOutputs | None
+        self,
+        batch: Any,
+        v: _View,
+        img_p: ImagePrefix | None,
+        txt_p: TextPrefix | None,
+        dual: VoLTAOutputs | None,
     ) -> tuple[Tensor, Tensor]:
         """Fusion-on ITM on pairs where half the images are swapped for another image of the batch."""
         c = self.loss_cfg
@@ -202,7 +207,10 @@ class VoLTATask(nn.Module):
             ii = nn.functional.normalize(dual.image_global.detach().float(), dim=-1)
             similarity = ti @ ii.T  # (B, B): caption i vs image j
         image_index, labels = sample_itm_pairs(
-            batch.image_ids.to(v.input_ids.device), generator=None, mode=c.itm_negatives, similarity=similarity
+            batch.image_ids.to(v.input_ids.device),
+            generator=None,
+            mode=c.itm_negatives,
+            similarity=similarity,
         )
         if img_p is None:
             images = v.images.to(dtype=next(self.model.image_encoder.parameters()).dtype)
@@ -223,4 +231,6 @@ def build_task(config: VoltaConfig, tokenizer: Any, *, all_reduce: AllReduce | N
     model.set_grad_checkpointing(
         image=config.model.image.grad_checkpointing, text=config.model.text.grad_checkpointing
     )
-    return VoLTATask(model, config.loss, share_prefix=config.model.share_unimodal_prefix, all_reduce=all_reduce)
+    return VoLTATask(
+        model, config.loss, share_prefix=config.model.share_unimodal_prefix, all_reduce=all_reduce
+    )

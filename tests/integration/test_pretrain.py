@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from orchestration.pretrain import main
-from tests.fixtures_data import aws_env, moto_endpoint  # noqa: F401 - fixtures
-from tests.fixtures_pretrain import DEBUG, last_per_step, run_overrides, synth_data  # noqa: F401 - fixtures
+from tests.fixtures_data import aws_env, moto_endpoint
+from tests.fixtures_pretrain import DEBUG, last_per_step, run_overrides, synth_data
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.timeout(900)]
 
@@ -31,7 +31,7 @@ COMMON = {
 
 
 @pytest.fixture(scope="module")
-def local_ray(aws_env: None) -> Iterator[None]:  # noqa: F811
+def local_ray(aws_env: None) -> Iterator[None]:
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -40,7 +40,7 @@ def local_ray(aws_env: None) -> Iterator[None]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def bucket(moto_endpoint: str) -> str:  # noqa: F811
+def bucket(moto_endpoint: str) -> str:
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket="ckpts")
     return "ckpts"
 
@@ -68,7 +68,7 @@ def test_two_workers_s3_checkpoints_crash_recovery_and_resubmission(
     synth_data: Path,
     moto_endpoint: str,
     bucket: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     # 1. Uninterrupted reference run (local storage).
@@ -128,7 +128,7 @@ def test_two_workers_s3_checkpoints_crash_recovery_and_resubmission(
 def test_invalid_config_or_unreachable_storage_fail_before_any_worker(
     synth_data: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import ray
 

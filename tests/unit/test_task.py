@@ -32,7 +32,11 @@ def test_all_terms_finite_sum_and_every_parameter_gets_a_gradient() -> None:
     assert torch.allclose(out["loss"], sum(out[k] for k in TERMS))
     assert out["wd"] > 0 and out["gwd"] >= 0
     out["loss"].backward()
-    missing = [n for n, p in task.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n
+        for n, p in task.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, missing
     assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
 
@@ -45,13 +49,17 @@ def test_gates_get_gradient_at_initialisation() -> None:
 
 
 @pytest.mark.parametrize("term", ["bt", "got", "mlm", "itm"])
-def test_weight_zero_switches_a_term_off_without_computing_it(term: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_zero_switches_a_term_off_without_computing_it(
+    term: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import volta.task as task_mod
 
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError(f"{term} computed although its weight is 0")
 
-    target = {"bt": "barlow_twins_loss", "got": "got_loss", "mlm": "IGNORE_INDEX", "itm": "sample_itm_pairs"}[term]
+    target = {"bt": "barlow_twins_loss", "got": "got_loss", "mlm": "IGNORE_INDEX", "itm": "sample_itm_pairs"}[
+        term
+    ]
     if term != "mlm":
         monkeypatch.setattr(task_mod, target, boom)
     task = _task(f"loss.{term}_weight=0")

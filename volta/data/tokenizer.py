@@ -47,7 +47,7 @@ def train_bpe_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(out))  # vocab.json + merges.txt
     merges = [ln for ln in (out / "merges.txt").read_text().splitlines() if ln and not ln.startswith("#")]
-    tokenizer = RobertaTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])  # type: ignore[arg-type]
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])  # type: ignore[arg-type,misc]
     tokenizer.save_pretrained(str(out))
     log.info("trained a byte-level BPE tokenizer with %d tokens into %s", len(tokenizer), out)
     return load_tokenizer(str(out))

@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from volta.config import load_config
 
 log = logging.getLogger(__name__)
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
+    import torch
+
     from volta.models.factory import build_model
     from volta.models.params import count_parameters, format_parameter_table
 

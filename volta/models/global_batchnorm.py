@@ -17,7 +17,9 @@ from torch import Tensor, nn
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` with batch statistics summed over ranks by ``all_reduce`` (a differentiable sum)."""
 
-    def __init__(self, num_features: int, *, all_reduce: Callable[[Tensor], Tensor] | None = None, **kwargs: object):
+    def __init__(
+        self, num_features: int, *, all_reduce: Callable[[Tensor], Tensor] | None = None, **kwargs: object
+    ):
         super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
         self.all_reduce = all_reduce
 
@@ -45,7 +47,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-def convert_to_global_batchnorm(module: nn.Module, all_reduce: Callable[[Tensor], Tensor] | None) -> nn.Module:
+def convert_to_global_batchnorm(
+    module: nn.Module, all_reduce: Callable[[Tensor], Tensor] | None
+) -> nn.Module:
     """Replace every ``nn.BatchNorm1d`` in ``module`` (in place) by a :class:`GlobalBatchNorm1d` sharing its state."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm1d) and not isinstance(child, GlobalBatchNorm1d):
