@@ -148,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.ray.address, include_dashboard=False, log_to_driver=True)
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:  # `ray job submit` sets RAY_ADDRESS; connect to that cluster
+            ray.init(address=address, log_to_driver=True)
+        else:  # a local cluster for this run only, without a dashboard
+            ray.init(include_dashboard=False, log_to_driver=True)
     try:
         result = build_trainer(config).fit()
     except Exception as err:

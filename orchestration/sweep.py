@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +52,7 @@ __all__ = [
     "best_recipe",
     "build_tuner",
     "cli",
+    "init_local_ray",
     "main",
     "max_concurrent_trials",
     "per_trial_resources",
@@ -548,6 +550,43 @@ def record_sweep(config: VoltaConfig, summary: Mapping[str, Any], recipe: Path |
     return str(parent_id)
 
 
+# ------------------------------------------------------------------------------------------- local Ray
+def init_local_ray(num_cpus: int | None = None) -> str:
+    """Start a local Ray cluster for a sweep (dashboard on 127.0.0.1) and return its GCS address.
+
+    Ray Train frees an early-stopped trial's workers through the State API, which its actors find by address
+    ("auto"); with several Ray clusters on one machine that lookup fails and the workers' CPUs leak. So the GCS
+    port is chosen up front and every actor of the job gets ``RAY_ADDRESS`` pointing at this cluster.
+    """
+    import socket
+
+    import ray
+    from ray.util import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    address = f"{get_node_ip_address()}:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    actual = str(ray.get_runtime_context().gcs_address)
+    if actual != address:
+        log.warning("local Ray came up at %s, not %s; early-stopped trials may hold CPUs", actual, address)
+    return actual
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options of the sweep driver."""
@@ -595,9 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        # Ray Train's placement-group cleaner asks the State API (served by the dashboard) whether a trial's
-        # controller is gone; without it the workers' resources of an early-stopped trial are never released.
-        ray.init(address=config.ray.address, include_dashboard=True, dashboard_host="127.0.0.1")
+        if config.ray.address:
+            ray.init(address=config.ray.address)
+        else:
+            # The dashboard serves the State API that Ray Train uses to free early-stopped trials' workers.
+            init_local_ray()
     started = time.monotonic()
     try:
         if config.tracking.uri:

@@ -14,6 +14,8 @@ RUN=$OUT/$RUN_NAME
 RAY_DIR=${VOLTA_DEMO_RAY_DIR:-/tmp/volta-demo-ray}
 DASH_PORT=${VOLTA_DEMO_DASHBOARD_PORT:-8265}
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Token authentication on, explicitly: the head creates or reuses ~/.ray/auth_token and `ray job` clients send it.
+export RAY_AUTH_MODE=token
 start=$(date +%s)
 say() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 

@@ -114,6 +114,9 @@ class ModelConfig(_Section):
     projector_out_dim: int = Field(1024, ge=8)
     got_projector_hidden_dim: int = Field(2048, ge=8)
     got_projector_out_dim: int = Field(1024, ge=8)
+    # A final affine-free BatchNorm on the GOT projector: without it the projector, trained by GOT alone, can map
+    # every token to one direction and drive WD/GWD to 0 (measured; see README "Losses"). False = the paper's MLP.
+    got_projector_output_norm: bool = True
     # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
     share_unimodal_prefix: bool = True
 

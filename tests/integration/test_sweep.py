@@ -45,8 +45,7 @@ def ray_cluster() -> Iterator[None]:
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # More logical CPUs than the 2 physical cores: several 1-CPU trials side by side, as on a small cluster.
-    # The State API (dashboard) lets Ray Train release the workers of early-stopped trials.
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
+    sw.init_local_ray(num_cpus=4)
     yield
     ray.shutdown()
 

@@ -56,4 +56,5 @@ def build_model(
         projector_out_dim=cfg.projector_out_dim,
         got_projector_hidden_dim=cfg.got_projector_hidden_dim,
         got_projector_out_dim=cfg.got_projector_out_dim,
+        got_projector_output_norm=cfg.got_projector_output_norm,
     )

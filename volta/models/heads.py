@@ -25,8 +25,8 @@ class MLPProjector(nn.Sequential):
     batch-standardised by the Barlow Twins loss, so none of the three linears carries one (as in Barlow Twins).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, output_norm: bool = False) -> None:
+        layers: list[nn.Module] = [
             nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(),
@@ -34,7 +34,11 @@ class MLPProjector(nn.Sequential):
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(),
             nn.Linear(hidden_dim, out_dim, bias=False),
-        )
+        ]
+        if output_norm:
+            # Standardise every output channel (no affine): the outputs cannot all point the same way.
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)
 
 
 class TokenProjector(MLPProjector):

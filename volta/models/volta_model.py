@@ -133,6 +133,7 @@ class VoLTAModel(nn.Module):
         projector_out_dim: int = 1024,
         got_projector_hidden_dim: int = 2048,
         got_projector_out_dim: int = 1024,
+        got_projector_output_norm: bool = True,
     ) -> None:
         super().__init__()
         available = min(image_encoder.num_blocks, text_encoder.num_layers)
@@ -160,8 +161,9 @@ class VoLTAModel(nn.Module):
         di, dt = image_encoder.out_dim, text_encoder.width
         self.bt_image_projector = MLPProjector(di, projector_hidden_dim, projector_out_dim)
         self.bt_text_projector = MLPProjector(dt, projector_hidden_dim, projector_out_dim)
-        self.got_image_projector = TokenProjector(di, got_projector_hidden_dim, got_projector_out_dim)
-        self.got_text_projector = TokenProjector(dt, got_projector_hidden_dim, got_projector_out_dim)
+        got_kw = {"output_norm": got_projector_output_norm}
+        self.got_image_projector = TokenProjector(di, got_projector_hidden_dim, got_projector_out_dim, **got_kw)
+        self.got_text_projector = TokenProjector(dt, got_projector_hidden_dim, got_projector_out_dim, **got_kw)
         self.mlm_head = build_mlm_head(text_encoder.config, text_encoder.word_embeddings)
         self.itm_head = ITMHead(di, dt, shared_dim)
 
