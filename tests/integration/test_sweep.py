@@ -273,9 +273,11 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
     assert {p.parent.name: p.read_text() for p in (tmp_path / "out").glob("*/calls.txt")} == calls
     assert len(_runs(dashboard, "tune-layer")) == 7
 
-    # The UI renders (headless Chromium), when the machine has it.
+
+def test_dashboard_ui_renders(dashboard: str) -> None:
+    """The MLflow UI page loads in headless Chromium (skipped where Chromium is not installed)."""
     if not CHROMIUM.exists():
-        pytest.skip("UI check skipped: /usr/bin/chromium is not installed (REST checks above passed)")
+        pytest.skip("UI check skipped: /usr/bin/chromium is not installed (the REST checks cover the data)")
     dom = subprocess.run(
         [
             str(CHROMIUM),
@@ -285,7 +287,7 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
             "--disable-background-networking",
             "--virtual-time-budget=15000",
             "--dump-dom",
-            f"{dashboard}/#/experiments/{parents[0]['info']['experiment_id']}",
+            dashboard,
         ],
         capture_output=True,
         text=True,
@@ -303,6 +305,8 @@ def test_demo_sweep_of_real_pretraining_runs(
         tmp_path,
         "sweep.num_samples=4",
         "sweep.grace_period=1",
+        # Two real runs at a time: each DeepSpeed worker holds several GB of host memory.
+        "sweep.max_concurrent_trials=2",
         "train.max_steps=4",
         "train.checkpoint_every=2",
         f"tracking.uri={dashboard}",

@@ -19,7 +19,7 @@ from volta.config import ConfigError, SweepConfig, VoltaConfig, load_config
 DEMO = REPO / "configs" / "sweep-demo.yaml"
 
 
-def _sweep(**space: dict[str, Any]) -> SweepConfig:
+def _sweep(**space: Any) -> SweepConfig:
     return SweepConfig.model_validate({"space": space})
 
 
