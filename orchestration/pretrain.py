@@ -24,6 +24,19 @@ from volta.config import ConfigError, VoltaConfig, load_config, resolve_local_pa
 log = logging.getLogger("volta.pretrain")
 
 
+# glibc malloc settings for the workers: with its defaults a CPU worker's resident memory kept growing with the
+# varying tensor shapes of each step (measured on the demo model: 3.0 GB after 10 steps and rising, versus a flat
+# 1.5 GB with these), which ran a 24 GB machine out of memory with two workers. Values from the environment win.
+MALLOC_ENV = {
+    key: os.environ.get(key, default)
+    for key, default in (
+        ("MALLOC_ARENA_MAX", "2"),
+        ("MALLOC_MMAP_THRESHOLD_", "1048576"),
+        ("MALLOC_TRIM_THRESHOLD_", "1048576"),
+    )
+}
+
+
 class PreflightError(Exception):
     """Something the run needs is missing or unreachable; raised before any worker starts."""
 
@@ -96,7 +109,7 @@ def build_trainer(config: VoltaConfig) -> Any:
     resources: dict[str, float] = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
-    env = {"DS_ACCELERATOR": "cuda" if r.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"DS_ACCELERATOR": "cuda" if r.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false", **MALLOC_ENV}
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_REGION"):
         if key in os.environ:
             env[key] = os.environ[key]

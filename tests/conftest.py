@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Two pytest-xdist workers share two cores: more torch threads per process only oversubscribe them (measured
 # 50x slower on some model tests). Subprocesses the tests start inherit the variables.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Flat resident memory for long-running CPU training processes (see orchestration/pretrain.py MALLOC_ENV).
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 torch.set_num_threads(1)
 

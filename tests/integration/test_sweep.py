@@ -28,7 +28,7 @@ from orchestration import sweep as sw
 from tests.conftest import REPO
 from volta.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("ray"), pytest.mark.timeout(600)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 
