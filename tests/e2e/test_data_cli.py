@@ -11,22 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.fixtures_cli import volta
 from tests.fixtures_datatools import make_broken_shards, make_coco, make_image_folder, write_csv, write_jsonl
 
 pytestmark = pytest.mark.timeout(240)
-# The console script, as a user runs it (the virtualenv's, next to the interpreter running the tests).
-VOLTA = Path(sys.executable).parent / "volta"
-
-
-def volta(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VOLTA), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(cwd)},
-    )
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:

@@ -11,21 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures_cli import volta
 from tests.fixtures_eval import EvalAssets, make_eval_assets
 
 pytestmark = pytest.mark.timeout(300)
-VOLTA = Path(sys.executable).parent / "volta"
-
-
-def volta(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VOLTA), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(cwd)},
-    )
 
 
 def one_line_error(run: subprocess.CompletedProcess[str], *fragments: str) -> None:
