@@ -162,8 +162,12 @@ class VoLTAModel(nn.Module):
         self.bt_image_projector = MLPProjector(di, projector_hidden_dim, projector_out_dim)
         self.bt_text_projector = MLPProjector(dt, projector_hidden_dim, projector_out_dim)
         got_kw = {"output_norm": got_projector_output_norm}
-        self.got_image_projector = TokenProjector(di, got_projector_hidden_dim, got_projector_out_dim, **got_kw)
-        self.got_text_projector = TokenProjector(dt, got_projector_hidden_dim, got_projector_out_dim, **got_kw)
+        self.got_image_projector = TokenProjector(
+            di, got_projector_hidden_dim, got_projector_out_dim, **got_kw
+        )
+        self.got_text_projector = TokenProjector(
+            dt, got_projector_hidden_dim, got_projector_out_dim, **got_kw
+        )
         self.mlm_head = build_mlm_head(text_encoder.config, text_encoder.word_embeddings)
         self.itm_head = ITMHead(di, dt, shared_dim)
 
