@@ -30,7 +30,7 @@ typecheck: venv
 # The whole CPU suite. Ray, moto and MLflow servers start inside a private network namespace with only
 # loopback when we can make one (root + unshare), so nothing the tests start is reachable from the network.
 test: lint typecheck
-	scripts/in-private-netns.sh $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	scripts/in-private-netns.sh $(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest -m unit -n 2 $(PYTEST_ARGS)

@@ -27,7 +27,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         """Normalise ``x (N, C)`` with the global batch's mean and biased variance while training."""
         if not self.training or self.all_reduce is None:
             return super().forward(x)
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in >= fp32
         count = torch.tensor([float(xf.shape[0])], device=x.device)
         stats = self.all_reduce(torch.cat([xf.sum(0), xf.pow(2).sum(0), count]))  # (2C + 1,)
         c = self.num_features
