@@ -309,6 +309,7 @@ def test_demo_sweep_of_real_pretraining_runs(
         "sweep.max_concurrent_trials=2",
         "train.max_steps=4",
         "train.checkpoint_every=2",
+        "train.val_every=1",  # the recipe's metric is val/grounding_acc: ASHA needs it at every rung
         f"tracking.uri={dashboard}",
         "tracking.experiment=demo-small",
     )
