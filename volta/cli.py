@@ -31,6 +31,22 @@ class UsageError(Exception):
     """A user-fixable problem (missing file, bad argument): printed as one line, exit status 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     """Add the shared ``--config RECIPE`` and repeated ``--set dotted.key=value`` options."""
     parser.add_argument("--config", "-c", required=required, help="recipe YAML (configs/*.yaml)")

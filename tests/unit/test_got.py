@@ -7,19 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from bench.got import baseline_got
+from bench.got import SETTINGS, baseline_got
 from volta.losses.got import cosine_cost, got_loss, prune_cost
-
-SETTINGS: dict[str, Any] = dict(
-    wd_weight=0.1,
-    gwd_weight=0.1,
-    ipot_beta=0.5,
-    ipot_iters=30,
-    gw_beta=0.1,
-    gw_outer_iters=5,
-    gw_inner_iters=20,
-    prune_fraction=0.1,
-)
 
 
 def _batch(

@@ -13,21 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from volta.cli import UsageError
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from volta.cli import UsageError, non_negative_int, positive_int
 
 
 @contextmanager
@@ -166,10 +152,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_writer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for NNNNN.tar shards and sizes.json")
-    parser.add_argument("--samples-per-shard", type=_positive, default=1000, help="samples per shard (1000)")
+    parser.add_argument(
+        "--samples-per-shard", type=positive_int, default=1000, help="samples per shard (1000)"
+    )
     parser.add_argument(
         "--max-size",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="resize images whose longer side exceeds this (boxes scale too); default: keep original bytes",
     )
@@ -201,18 +189,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("synth", help="synthetic grounding dataset: DIR/train, DIR/val, DIR/tokenizer")
     p.add_argument("--out", required=True, help="output folder (e.g. data/synth)")
-    p.add_argument("--train-samples", type=_non_negative, default=10_000, help="train samples (10000)")
-    p.add_argument("--val-samples", type=_non_negative, default=1_000, help="validation samples (1000)")
+    p.add_argument("--train-samples", type=non_negative_int, default=10_000, help="train samples (10000)")
+    p.add_argument("--val-samples", type=non_negative_int, default=1_000, help="validation samples (1000)")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (128, at least 32)")
     p.add_argument(
-        "--seed", type=_non_negative, default=0, help="dataset seed; the val split derives its own (0)"
+        "--seed", type=non_negative_int, default=0, help="dataset seed; the val split derives its own (0)"
     )
     # 500 gives the default val split two shards, so two ranks both get one.
-    p.add_argument("--samples-per-shard", type=_positive, default=500, help="samples per shard (500)")
+    p.add_argument("--samples-per-shard", type=positive_int, default=500, help="samples per shard (500)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not train DIR/tokenizer")
-    p.add_argument("--vocab-size", type=_positive, default=1024, help="tokenizer vocabulary size (1024)")
+    p.add_argument("--vocab-size", type=positive_int, default=1024, help="tokenizer vocabulary size (1024)")
     p.add_argument(
-        "--workers", type=_positive, default=1, help="generator processes (1; output is identical)"
+        "--workers", type=positive_int, default=1, help="generator processes (1; output is identical)"
     )
     p.set_defaults(func=_cmd_synth)
 
@@ -230,6 +218,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="count samples, check every sample, draw a grid (JSON on stdout)")
     p.add_argument("path", help="shard folder, one .tar, or s3://bucket/prefix")
     p.add_argument("--grid", default=None, help="write a PNG grid of samples with captions and boxes here")
-    p.add_argument("--limit", type=_positive, default=None, help="stop after this many samples")
+    p.add_argument("--limit", type=positive_int, default=None, help="stop after this many samples")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// paths")
     p.set_defaults(func=_cmd_inspect)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from volta.cli import UsageError
+from volta.cli import UsageError, positive_int
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,13 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BASELINE_SEED_OFFSET = 1000  # the probe's random encoder never shares the --random-init model's seed
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -325,9 +318,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=text)
         _add_model_arguments(p)
         p.add_argument("--shards", default=None, help="evaluation shards (default: data.val_shards)")
-        p.add_argument("--max-samples", type=_positive, default=None, help="cap (default: eval.max_samples)")
         p.add_argument(
-            "--batch-size", type=_positive, default=None, help="batch size (default: eval.batch_size)"
+            "--max-samples", type=positive_int, default=None, help="cap (default: eval.max_samples)"
+        )
+        p.add_argument(
+            "--batch-size", type=positive_int, default=None, help="batch size (default: eval.batch_size)"
         )
         if name in ("probe", "all"):
             p.add_argument(
@@ -344,6 +339,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", default=None, help="an image file (with --caption)")
     p.add_argument("--caption", default=None, help="the caption to align with --image")
     p.add_argument("--shards", default=None, help="draw validation samples with their boxes instead")
-    p.add_argument("--num", type=_positive, default=4, help="samples to draw from --shards (4)")
+    p.add_argument("--num", type=positive_int, default=4, help="samples to draw from --shards (4)")
     p.add_argument("--out", required=True, help="PNG file (--image) or folder of PNGs (--shards)")
     p.set_defaults(func=_cmd_visualize)
