@@ -223,6 +223,8 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
         synth,
         tmp_path,
         "sweep.name=tune-layer",
+        "sweep.metric=train/mlm_loss",  # what the stand-in Train runs report
+        "sweep.mode=min",
         "sweep.algorithm=grid",
         "sweep.max_concurrent_trials=2",
         "sweep.grace_period=1",

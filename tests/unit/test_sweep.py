@@ -223,7 +223,7 @@ def _result(name: str, step: int | None, value: float | None, error: Exception |
 
 
 def test_summarize_ranks_trials_and_labels_early_stops() -> None:
-    config = _demo()
+    config = _demo("sweep.metric=train/mlm_loss", "sweep.mode=min")  # what the stand-in results report
     results = [
         _result("sweep-demo-a_00000", 8, 2.5),
         _result("sweep-demo-a_00001", 2, 1.0),
@@ -240,7 +240,7 @@ def test_summarize_ranks_trials_and_labels_early_stops() -> None:
     assert summary["counts"] == {"finished": 2, "early_stopped": 1, "error": 1}
     assert summary["best"]["run_name"] == "sweep-demo-a_00001"  # mode min
     assert summary["best"]["values"] == {"loss.got_weight": 2.0}
-    flipped = sw.summarize(_demo("sweep.mode=max"), results, steps=8)
+    flipped = sw.summarize(_demo("sweep.metric=train/mlm_loss", "sweep.mode=max"), results, steps=8)
     assert flipped["best"]["run_name"] == "sweep-demo-a_00000"
 
 
