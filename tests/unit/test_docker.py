@@ -20,6 +20,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.conftest import REPO
+from tests.fixtures_deploy import read_env_file
 
 DOCKER = REPO / "docker"
 GPU = DOCKER / "Dockerfile"
@@ -34,16 +35,6 @@ PINNED = {
     "MLFLOW_VERSION": "mlflow",
     "OPTUNA_VERSION": "optuna",
 }
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
 
 
 VERSIONS = read_env_file(DOCKER / "versions.env")

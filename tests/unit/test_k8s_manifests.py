@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.fixtures_deploy import read_env_file
 from volta.config import config_from_dict, load_config
 
 K8S = REPO / "k8s"
@@ -51,17 +52,6 @@ def docs_of_kind(kind: str) -> list[dict[str, Any]]:
 def doc_id(item: tuple[Path, dict[str, Any]]) -> str:
     path, doc = item
     return f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=value lines of docker/versions.env (comments and blanks skipped)."""
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
 
 
 VERSIONS = read_env_file(REPO / "docker" / "versions.env")
