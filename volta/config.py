@@ -170,12 +170,29 @@ class LossConfig(_Section):
     gw_inner_iters: int = Field(20, ge=1)
     prune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     prune_scope: Literal["sample", "batch"] = "sample"
+    # Gradient through the pruning threshold's min and max (the authors' code keeps it). See README "Losses".
+    prune_detach: bool = False
     got_include_special_tokens: bool = False
     # MLM and ITM
     mlm_weight: float = Field(1.0, ge=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     itm_weight: float = Field(1.0, ge=0.0)
     itm_negatives: Literal["uniform", "hard"] = "uniform"
+
+    def got_kwargs(self) -> dict[str, Any]:
+        """The solver and weighting arguments of :func:`volta.losses.got.got_loss` from this section."""
+        return {
+            "wd_weight": self.wd_weight,
+            "gwd_weight": self.gwd_weight,
+            "ipot_beta": self.ipot_beta,
+            "ipot_iters": self.ipot_iters,
+            "gw_beta": self.gw_beta,
+            "gw_outer_iters": self.gw_outer_iters,
+            "gw_inner_iters": self.gw_inner_iters,
+            "prune_fraction": self.prune_fraction,
+            "prune_scope": self.prune_scope,
+            "prune_detach": self.prune_detach,
+        }
 
     @model_validator(mode="after")
     def _some_loss(self) -> LossConfig:

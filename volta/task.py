@@ -128,15 +128,7 @@ class VoLTATask(nn.Module):
                         g.text,
                         g.image_mask,
                         self._got_text_mask(v, g.text_mask),
-                        wd_weight=c.wd_weight,
-                        gwd_weight=c.gwd_weight,
-                        ipot_beta=c.ipot_beta,
-                        ipot_iters=c.ipot_iters,
-                        gw_beta=c.gw_beta,
-                        gw_outer_iters=c.gw_outer_iters,
-                        gw_inner_iters=c.gw_inner_iters,
-                        prune_fraction=c.prune_fraction,
-                        prune_scope=c.prune_scope,
+                        **c.got_kwargs(),
                     )
                     wd_sum = wd_sum + res["wd"].mean()
                     gwd_sum = gwd_sum + res["gwd"].mean()

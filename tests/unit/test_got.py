@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.got import SETTINGS, baseline_got
-from volta.losses.got import cosine_cost, got_loss, prune_cost
+from volta.losses.got import _CosineSimilarities, cosine_cost, got_loss, prune_cost
 
 
 def _batch(
@@ -87,6 +87,36 @@ def test_prune_threshold_per_sample_and_per_batch() -> None:
         prune_cost(cost[:1], valid[:1], fraction=0.2),
         prune_cost(cost[:1], valid[:1], fraction=0.2, scope="batch"),
     )
+    everything = torch.ones_like(valid)
+    for scope in ("sample", "batch"):  # valid=None is the all-valid fast path: same values and gradients
+        pruned = [cost.clone().requires_grad_(True) for _ in range(2)]
+        fast = prune_cost(pruned[0], None, fraction=0.2, scope=scope)
+        slow = prune_cost(pruned[1], everything, fraction=0.2, scope=scope)
+        torch.testing.assert_close(fast, slow)
+        weights = torch.rand(cost.shape, dtype=torch.float64)
+        (fast * weights).sum().backward()
+        (slow * weights).sum().backward()
+        torch.testing.assert_close(pruned[0].grad, pruned[1].grad)
+
+
+def test_detached_threshold_gives_the_gradient_of_a_constant_threshold() -> None:
+    cost = torch.rand(2, 6, 5, dtype=torch.float64)
+    weights = torch.rand(cost.shape, dtype=torch.float64)
+    grads = {}
+    for detach in (False, True):
+        c = cost.clone().requires_grad_(True)
+        (prune_cost(c, None, fraction=0.3, detach=detach) * weights).sum().backward()
+        grads[detach] = c.grad
+    low = cost.amin(dim=(1, 2), keepdim=True)
+    thr = low + 0.3 * (cost.amax(dim=(1, 2), keepdim=True) - low)
+    torch.testing.assert_close(grads[True], weights * (cost > thr))  # only the relu, as for a fixed threshold
+    # the authors' differentiable threshold: the min entry also gets -0.7 * sum(w above thr), the max -0.3 * that
+    assert not torch.allclose(grads[False], grads[True])
+    above = (weights * (cost > thr)).sum(dim=(1, 2))  # (B,)
+    for i in range(2):
+        flat = grads[False][i].flatten() - grads[True][i].flatten()
+        torch.testing.assert_close(flat[cost[i].flatten().argmin()], -0.7 * above[i])
+        torch.testing.assert_close(flat[cost[i].flatten().argmax()], -0.3 * above[i])
 
 
 def test_prune_scope_changes_got_only_across_samples() -> None:
@@ -108,6 +138,32 @@ def test_cosine_cost_is_one_minus_cosine() -> None:
     torch.testing.assert_close(cosine_cost(x, y), want)
     xg = x.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: cosine_cost(z), (xg,))
+
+
+def _plain_similarities(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    xn, yn = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    return xn @ xn.transpose(1, 2), xn @ yn.transpose(1, 2), yn @ yn.transpose(1, 2)
+
+
+def test_fused_similarities_match_plain_autograd_values_and_gradients() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    x[1, 2] = 0.0  # an all-zero row: the norm is clamped, F.normalize's derivative is x / eps there
+    y[0, 3] = 0.0
+    weights = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in _plain_similarities(x, y)]
+    grads = []
+    for fn in (lambda a, b: _CosineSimilarities.apply(a, b, 1e-12), _plain_similarities):
+        xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        outs = fn(xg, yg)
+        sum((w * o).sum() for w, o in zip(weights, outs)).backward()
+        grads.append((*[o.detach() for o in outs], xg.grad, yg.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    sxx, _, syy = grads[0][:3]
+    assert torch.equal(sxx, sxx.transpose(1, 2)) and torch.equal(syy, syy.transpose(1, 2))  # bit for bit
+    xs, ys = x[:, 3:].clone().requires_grad_(True), y[1:2].expand(3, -1, -1).clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: _CosineSimilarities.apply(a, b, 1e-12), (xs, ys))
 
 
 def _finite_run(image: torch.Tensor, text: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor):

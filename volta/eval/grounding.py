@@ -187,15 +187,7 @@ def transport_plans(model: VoLTAModel, outputs: VoLTAOutputs, text_mask: Tensor,
         g.text,
         g.image_mask,
         text_mask.to(g.text.device) & g.text_mask,
-        wd_weight=loss.wd_weight,
-        gwd_weight=loss.gwd_weight,
-        ipot_beta=loss.ipot_beta,
-        ipot_iters=loss.ipot_iters,
-        gw_beta=loss.gw_beta,
-        gw_outer_iters=loss.gw_outer_iters,
-        gw_inner_iters=loss.gw_inner_iters,
-        prune_fraction=loss.prune_fraction,
-        prune_scope=loss.prune_scope,
+        **loss.got_kwargs(),
     )
     return res["plan"].float()  # (B, P, T)
 
