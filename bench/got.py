@@ -36,6 +36,7 @@ SETTINGS: dict[str, Any] = dict(
     gw_outer_iters=5,
     gw_inner_iters=20,
     prune_fraction=0.1,
+    prune_detach=False,  # the authors' differentiable threshold, which baseline (a) implements
 )
 
 

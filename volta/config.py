@@ -170,8 +170,9 @@ class LossConfig(_Section):
     gw_inner_iters: int = Field(20, ge=1)
     prune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     prune_scope: Literal["sample", "batch"] = "sample"
-    # Gradient through the pruning threshold's min and max (the authors' code keeps it). See README "Losses".
-    prune_detach: bool = False
+    # Treat the pruning threshold as a constant of the step (true) or differentiate through its min and max
+    # (false, the authors' code), which lets the loss shrink by stretching the cost range: README "Losses".
+    prune_detach: bool = True
     got_include_special_tokens: bool = False
     # MLM and ITM
     mlm_weight: float = Field(1.0, ge=0.0)

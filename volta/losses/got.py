@@ -160,11 +160,12 @@ def got_loss(
     gw_inner_iters: int,
     prune_fraction: float,
     prune_scope: Literal["sample", "batch"] = "sample",
-    prune_detach: bool = False,
+    prune_detach: bool = True,
 ) -> dict[str, Tensor]:
     """GOT loss between image patches ``(B, P, D)`` and text tokens ``(B, T, D)`` (the GOT-projected features).
 
-    Features are L2-normalised; the cross cost is ``1 - cos`` pruned by :func:`prune_cost`; ``wd`` (B,) is
+    Features are L2-normalised; the cross cost is ``1 - cos`` pruned by :func:`prune_cost` (threshold held
+    constant when ``prune_detach``, our default; differentiable as in the authors' code otherwise); ``wd`` (B,) is
     ``<C, T>`` with T from :func:`~volta.losses.ot.ipot` (gradients through the unrolled iterations); ``gwd``
     (B,) is :func:`~volta.losses.ot.gromov_wasserstein` between the pruned intra-image and intra-text cosine
     costs. Marginals are uniform over the True entries of the bool masks ``(B, P)`` and ``(B, T)``; padding has

@@ -228,8 +228,10 @@ def _prepare_gw(
         )
     dtype = _compute_dtype(cost_x, cost_y, a, b)
     cost_x, cost_y, a, b = cost_x.to(dtype), cost_y.to(dtype), a.to(dtype), b.to(dtype)
-    cost_x = torch.where(_valid_pairs(a, a), cost_x, torch.zeros_like(cost_x))
-    cost_y = torch.where(_valid_pairs(b, b), cost_y, torch.zeros_like(cost_y))
+    if not bool((a > 0).all()):  # skipped when nothing is padded: one pass less over (B, n, n)
+        cost_x = torch.where(_valid_pairs(a, a), cost_x, torch.zeros_like(cost_x))
+    if not bool((b > 0).all()):
+        cost_y = torch.where(_valid_pairs(b, b), cost_y, torch.zeros_like(cost_y))
     return cost_x, cost_y, a, b
 
 
