@@ -293,10 +293,20 @@ class EvalConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     grounding: bool = True
+    # Pruning of the cost the pointing game and heat maps read their plans from (None = loss.prune_fraction).
+    # 0 by default: pruning zeroes every cost under the threshold, a third of all pairs in a trained model, and
+    # the plan is then flat over them, so the best patch is a tie broken by chance (README "Evaluation").
+    grounding_prune_fraction: float | None = Field(0.0, ge=0.0, lt=1.0)
     heatmap_samples: int = Field(4, ge=0)
     # Linear probe: held-out fraction when one shard set is split, and the inverse L2 strength of the probe.
     probe_test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     probe_c: float = Field(1.0, gt=0.0)
+
+    def grounding_loss(self, loss: LossConfig) -> LossConfig:
+        """The GOT settings the pointing game and heat maps use: ``loss`` with the evaluation's pruning."""
+        if self.grounding_prune_fraction is None:
+            return loss
+        return loss.model_copy(update={"prune_fraction": self.grounding_prune_fraction})
 
     @field_validator("retrieval_ks")
     @classmethod

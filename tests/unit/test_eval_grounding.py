@@ -161,3 +161,28 @@ def test_tally_is_empty_without_phrases() -> None:
     tally = GroundingTally()
     tally.add([PhraseResult("k", "p", "a b", True, 0.5, False)])
     assert tally.summary()["acc/a_b"] == 1.0
+
+
+def test_pointing_reads_an_unpruned_plan_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from volta.config import EvalConfig, VoltaConfig
+    from volta.eval import validate
+
+    loss = LossConfig(prune_fraction=0.2)
+    assert EvalConfig().grounding_loss(loss).prune_fraction == 0.0
+    assert EvalConfig().grounding_loss(loss).ipot_beta == loss.ipot_beta  # only the pruning changes
+    assert EvalConfig(grounding_prune_fraction=None).grounding_loss(loss) is loss
+    assert EvalConfig(grounding_prune_fraction=0.3).grounding_loss(loss).prune_fraction == 0.3
+    # the validation pass hands the evaluation's settings to the pointing game
+    seen: list[float] = []
+    monkeypatch.setattr(
+        validate, "ground_batch", lambda m, b, o, settings: seen.append(settings.prune_fraction) or []
+    )
+    monkeypatch.setattr(validate, "build_eval_loader", lambda *a, **k: None)
+    monkeypatch.setattr(
+        validate, "extract_features", lambda m, loader, device, on_batch: on_batch(None, None)
+    )
+    cfg = VoltaConfig.model_validate(
+        {"loss": {"prune_fraction": 0.2}, "eval": {"grounding_prune_fraction": 0.05}}
+    )
+    validate.evaluate_pass(None, cfg, None, shards="x", device="cpu")  # type: ignore[arg-type]
+    assert seen == [0.05]

@@ -220,7 +220,7 @@ def batch_heatmap_rows(
     )
     with evaluating(model):
         out = forward_dual(model, batch, device)
-        plans = transport_plans(model, out, text_mask, cfg.loss).cpu()  # (B, P, T)
+        plans = transport_plans(model, out, text_mask, cfg.eval.grounding_loss(cfg.loss)).cpu()  # (B, P, T)
     rows = []
     for i in range(batch.batch_size):
         if pictures is not None:

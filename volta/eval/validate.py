@@ -65,7 +65,7 @@ def evaluate_pass(
 
     def on_batch(batch: EvalBatch, outputs: VoLTAOutputs) -> None:
         if grounding:
-            tally.add(ground_batch(model, batch, outputs, cfg.loss))
+            tally.add(ground_batch(model, batch, outputs, cfg.eval.grounding_loss(cfg.loss)))
 
     features = extract_features(model, loader, device=device, on_batch=on_batch)
     return EvalPass(features, tally)
