@@ -25,11 +25,23 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x (N, C)`` with the global batch's mean and biased variance while training."""
-        if not self.training or self.all_reduce is None:
+        # DeepSpeed's bf16/fp16 engines cast parameters but not buffers: running statistics then stay fp32 while
+        # the input is bf16, which nn.BatchNorm1d rejects; such a layer takes the explicit paths below.
+        mixed = self.running_mean is not None and x.dtype != self.running_mean.dtype
+        if not mixed and (not self.training or self.all_reduce is None):
             return super().forward(x)
+        if not self.training:
+            assert self.running_mean is not None and self.running_var is not None
+            rm, rv = self.running_mean, self.running_var
+            y = (x.to(rm.dtype) - rm) / torch.sqrt(rv + self.eps)  # (N, C)
+            if self.affine:
+                y = y * self.weight.to(rm.dtype) + self.bias.to(rm.dtype)
+            return y.to(x.dtype)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in >= fp32
         count = torch.tensor([float(xf.shape[0])], device=x.device)
-        stats = self.all_reduce(torch.cat([xf.sum(0), xf.pow(2).sum(0), count]))  # (2C + 1,)
+        stats = torch.cat([xf.sum(0), xf.pow(2).sum(0), count])  # (2C + 1,)
+        if self.all_reduce is not None:
+            stats = self.all_reduce(stats)
         c = self.num_features
         n = stats[-1].detach()
         mean = stats[:c] / n  # (C,)

@@ -1,0 +1,62 @@
+"""bench.workload and bench.step: random batches shaped for a recipe, and the step benchmark's variants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import step
+from bench.workload import build_bench_task, random_batch
+from tests.fixtures_task import tiny_config
+
+VOCAB = 300
+
+
+def test_random_batch_is_shaped_for_the_recipe_and_trains() -> None:
+    cfg = tiny_config()
+    batch = random_batch(cfg, 3, VOCAB, seed=1)
+    size, length = cfg.model.image.img_size, cfg.model.text.max_length
+    assert batch.images1.shape == batch.images2.shape == (3, 3, size, size)
+    assert batch.input_ids1.shape == batch.mlm_labels2.shape == (3, length)
+    assert int(batch.input_ids1.max()) < VOCAB and batch.image_ids.unique().numel() == 3
+    assert bool((batch.mlm_labels1 != -100).any())  # something to predict
+    assert torch.equal(random_batch(cfg, 3, VOCAB, seed=1).images1, batch.images1)  # seeded
+    torch.manual_seed(0)
+    out = build_bench_task(cfg, VOCAB)(batch)
+    assert {"bt_loss", "got_loss", "mlm_loss", "itm_loss", "loss"} <= set(out)
+    assert all(math.isfinite(float(v)) for v in out.values())
+
+
+@pytest.mark.timeout(240)
+def test_step_benchmark_variants_match_the_baseline_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(step, "cpu_bf16_support", lambda: {"supported": False, "isa_flags": []})
+    report = step.run(
+        "configs/debug.yaml",
+        steps=1,
+        warmup=1,
+        rounds=1,
+        variants=["no_prefix_sharing", "grad_checkpointing", "bf16"],
+        vocab_size=VOCAB,
+        batch_size=2,
+        threads=1,
+    )
+    assert set(report["variants"]) == {"fp32", "no_prefix_sharing", "grad_checkpointing"}
+    assert "bf16" in report["skipped"]  # not run where the CPU has no native bf16
+    for res in report["variants"].values():
+        assert res["samples_per_s"] > 0 and res["peak_rss_mb"] >= res["rss_start_mb"] > 0
+        assert len(res["losses"]) == 2 and res["batch_size"] == 2
+    ratios = report["ratios"]
+    # Same weights, batches and draws: recomputing the prefix or checkpointing changes no loss.
+    assert ratios["no_prefix_sharing"]["loss_max_rel_diff"] < 1e-4
+    assert ratios["grad_checkpointing"]["loss_max_rel_diff"] < 1e-5
+    assert ratios["prefix_sharing_speedup"] == pytest.approx(
+        1 / ratios["no_prefix_sharing"]["samples_per_s_ratio"]
+    )
+
+
+def test_cpu_bf16_support_reports_flags_and_onednn() -> None:
+    info = step.cpu_bf16_support()
+    assert set(info) == {"isa_flags", "onednn_bf16", "supported"}
+    assert info["supported"] == (bool(info["isa_flags"]) and info["onednn_bf16"] is not False)
