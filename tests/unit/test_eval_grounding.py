@@ -163,26 +163,36 @@ def test_tally_is_empty_without_phrases() -> None:
     assert tally.summary()["acc/a_b"] == 1.0
 
 
-def test_pointing_reads_an_unpruned_plan_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pointing_reads_an_unpruned_first_iterate_plan_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from volta.config import EvalConfig, VoltaConfig
     from volta.eval import validate
 
-    loss = LossConfig(prune_fraction=0.2)
-    assert EvalConfig().grounding_loss(loss).prune_fraction == 0.0
-    assert EvalConfig().grounding_loss(loss).ipot_beta == loss.ipot_beta  # only the pruning changes
-    assert EvalConfig(grounding_prune_fraction=None).grounding_loss(loss) is loss
+    loss = LossConfig(prune_fraction=0.2, ipot_iters=30)
+    default = EvalConfig().grounding_loss(loss)
+    assert (default.prune_fraction, default.ipot_iters) == (0.0, 1)
+    assert default.model_dump() == loss.model_dump() | {
+        "prune_fraction": 0.0,
+        "ipot_iters": 1,
+    }  # nothing else
+    assert EvalConfig(grounding_prune_fraction=None, grounding_ipot_iters=None).grounding_loss(loss) is loss
     assert EvalConfig(grounding_prune_fraction=0.3).grounding_loss(loss).prune_fraction == 0.3
+    assert EvalConfig(grounding_ipot_iters=None).grounding_loss(loss).ipot_iters == 30
     # the validation pass hands the evaluation's settings to the pointing game
-    seen: list[float] = []
+    seen: list[tuple[float, int]] = []
     monkeypatch.setattr(
-        validate, "ground_batch", lambda m, b, o, settings: seen.append(settings.prune_fraction) or []
+        validate,
+        "ground_batch",
+        lambda m, b, o, settings: seen.append((settings.prune_fraction, settings.ipot_iters)) or [],
     )
     monkeypatch.setattr(validate, "build_eval_loader", lambda *a, **k: None)
     monkeypatch.setattr(
         validate, "extract_features", lambda m, loader, device, on_batch: on_batch(None, None)
     )
     cfg = VoltaConfig.model_validate(
-        {"loss": {"prune_fraction": 0.2}, "eval": {"grounding_prune_fraction": 0.05}}
+        {
+            "loss": {"prune_fraction": 0.2},
+            "eval": {"grounding_prune_fraction": 0.05, "grounding_ipot_iters": 7},
+        }
     )
     validate.evaluate_pass(None, cfg, None, shards="x", device="cpu")  # type: ignore[arg-type]
-    assert seen == [0.05]
+    assert seen == [(0.05, 7)]
