@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import gpu, scaling, submit_latency
+from bench import gpu, scaling
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.timeout(900)]
@@ -27,7 +30,30 @@ def test_scaling_trains_the_same_global_batch_with_one_and_two_workers(tmp_path:
 
 
 def test_submit_latency_times_the_milestones_of_a_submitted_job(tmp_path: Path) -> None:
-    report = submit_latency.run(DEBUG, repeats=1, steps=1, out_dir=str(tmp_path))
+    # A fresh process: Ray reads RAY_AUTH_MODE once per process, and earlier Ray tests in this pytest worker ran
+    # without token auth, so an in-process client would keep sending no token to the token-auth head.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.submit_latency",
+            "--config",
+            DEBUG,
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
     (sub,) = report["submissions"]
     assert report["head_startup_s"] > 0
     assert sub["cli_s"] > 0 and 0 < sub["driver_start_s"] < sub["first_batch_s"]
