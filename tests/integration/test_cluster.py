@@ -113,12 +113,16 @@ def test_job_submit_spreads_workers_over_two_nodes_and_splits_shards(
     out = tmp_path / "out"
     sets = run_overrides(synth_data, out, "cluster", **{"train.max_steps": 2, "train.checkpoint_every": 2})
     entry = " ".join([sys.executable, "orchestration/pretrain.py", "--config", "configs/debug.yaml", *sets])
-    job = subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--", "bash", "-c", f"cd {REPO} && {entry}"],
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
+    for _ in range(10):  # the job agent of a just-started head may not be up yet on a loaded machine
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", url, "--", "bash", "-c", f"cd {REPO} && {entry}"],
+            capture_output=True,
+            text=True,
+            timeout=800,
+        )
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(3)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
     ranks = [json.loads((out / "cluster" / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
