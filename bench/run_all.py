@@ -60,6 +60,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's target ratios, each with its target, read from the benchmarks' results (None if not run)."""
     figures = {
         "got_speedup_vs_baseline": (_get(report, "got", "speedup_vs_baseline"), ">= 2"),
+        "got_speedup_vs_pot": (_get(report, "got", "speedup_vs_pot"), ">= 5"),
         "data_s3_over_local": (_get(report, "data", "s3_over_local"), ">= 0.9"),
         "prefix_sharing_speedup": (_get(report, "step", "ratios", "prefix_sharing_speedup"), ">= 1.3"),
         "bf16_over_fp32": (_get(report, "step", "ratios", "bf16", "samples_per_s_ratio"), None),
