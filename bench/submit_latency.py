@@ -68,6 +68,21 @@ def _ray_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[
     )
 
 
+def free_agent_port_flags() -> list[str]:
+    """``ray start`` flags giving one node's agents free ports instead of Ray's fixed defaults (52365, ...).
+
+    A cluster that has just shut down in this network namespace may still hold the defaults, and a second node
+    on the same machine needs its own: the node's job agent would otherwise never come up ("No available agent").
+    """
+    flags = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    return [f"--{flag}={_free_port()}" for flag in flags]
+
+
 @contextlib.contextmanager
 def _token_auth_in_this_process() -> Iterator[None]:
     """RAY_AUTH_MODE=token for this process's job-server client while the block runs (restored after)."""
@@ -104,17 +119,7 @@ def local_head(num_cpus: int, temp_dir: Path, log_file: Path) -> Iterator[dict[s
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    # Ray's agents default to fixed ports (52365, ...): a cluster that has just shut down in this network
-    # namespace may still hold them, and the head's job agent would then never come up. Take free ones.
-    cmd += [
-        f"--{flag}={_free_port()}"
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-        )
-    ]
+    cmd += free_agent_port_flags()
     start = time.time()
     with log_file.open("w") as sink:
         proc = subprocess.Popen(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.submit_latency import free_agent_port_flags
 from tests.conftest import REPO
 from tests.fixtures_pretrain import run_overrides, synth_data
 
@@ -62,6 +63,7 @@ def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
             "--temp-dir",
             temp,
             *common,
+            *free_agent_port_flags(),
         ],
         stdout=open(tmp_path / "head.log", "wb"),  # noqa: SIM115 - lives as long as the process
         stderr=subprocess.STDOUT,
@@ -76,7 +78,7 @@ def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
             )
         )
         node = subprocess.Popen(
-            [RAY, "start", "--address", f"127.0.0.1:{gcs}", *common],
+            [RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, *free_agent_port_flags()],
             stdout=open(tmp_path / "node.log", "wb"),  # noqa: SIM115 - lives as long as the process
             stderr=subprocess.STDOUT,
             env=env,
@@ -113,16 +115,12 @@ def test_job_submit_spreads_workers_over_two_nodes_and_splits_shards(
     out = tmp_path / "out"
     sets = run_overrides(synth_data, out, "cluster", **{"train.max_steps": 2, "train.checkpoint_every": 2})
     entry = " ".join([sys.executable, "orchestration/pretrain.py", "--config", "configs/debug.yaml", *sets])
-    for _ in range(10):  # the job agent of a just-started head may not be up yet on a loaded machine
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", url, "--", "bash", "-c", f"cd {REPO} && {entry}"],
-            capture_output=True,
-            text=True,
-            timeout=800,
-        )
-        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
-            break
-        time.sleep(3)
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", url, "--", "bash", "-c", f"cd {REPO} && {entry}"],
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
     ranks = [json.loads((out / "cluster" / "workers" / f"rank-{r}.json").read_text()) for r in (0, 1)]
