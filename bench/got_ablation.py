@@ -36,8 +36,17 @@ def _last_validation(path: Path) -> dict[str, float]:
     return {k: float(last[k]) for k in KEYS if k in last} | {"step": float(last["step"])}
 
 
-def run(config: str, overrides: list[str], out_dir: str) -> dict[str, Any]:
-    """Train both variants and return their final validation metrics."""
+ARMS = {"got_default": [], "got_zero": ["loss.got_weight=0"]}
+
+
+def run(
+    config: str, overrides: list[str], out_dir: str, arms: tuple[str, ...] = tuple(ARMS)
+) -> dict[str, Any]:
+    """Train the variants (both unless ``arms`` says otherwise) and return their final validation metrics.
+
+    An arm whose ``metrics.jsonl`` already holds validation metrics under ``out_dir`` and is not in ``arms`` is
+    read back instead of retrained (the GOT = 0 arm does not depend on any GOT setting).
+    """
     import ray
 
     from orchestration.pretrain import main
@@ -45,7 +54,9 @@ def run(config: str, overrides: list[str], out_dir: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        for name, extra in (("got_default", []), ("got_zero", ["loss.got_weight=0"])):
+        for name, extra in ARMS.items():
+            if name not in arms:
+                continue
             sets = [
                 *overrides,
                 *extra,
@@ -61,6 +72,9 @@ def run(config: str, overrides: list[str], out_dir: str) -> dict[str, Any]:
             results[name] = _last_validation(Path(out_dir) / f"ablation-{name}" / "metrics.jsonl")
     finally:
         ray.shutdown()
+    for name in ARMS:
+        if name not in results:
+            results[name] = _last_validation(Path(out_dir) / f"ablation-{name}" / "metrics.jsonl")
     d, z = results["got_default"], results["got_zero"]
     results["pointing_gain_points"] = 100 * (d["val/grounding_acc"] - z["val/grounding_acc"])
     results["default_over_random"] = d["val/grounding_acc"] / max(d["val/grounding_random"], 1e-9)
@@ -72,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default="runs/got-ablation")
+    p.add_argument(
+        "--only",
+        choices=tuple(ARMS),
+        help="train this arm only and read the other one from an earlier run in --out",
+    )
     args = p.parse_args(argv)
-    results = run(args.config, args.overrides, str(Path(args.out).resolve()))
+    arms = (args.only,) if args.only else tuple(ARMS)
+    results = run(args.config, args.overrides, str(Path(args.out).resolve()), arms)
     print(f"{'metric':24s} {'GOT default':>12s} {'GOT = 0':>12s}", file=sys.stderr)
     for k in KEYS:
         print(

@@ -174,6 +174,12 @@ class LossConfig(_Section):
     # (false, the authors' code), which lets the loss shrink by stretching the cost range: README "Losses".
     prune_detach: bool = True
     got_include_special_tokens: bool = False
+    # Not in the paper (0 = off): weight, inside the GOT term, of the in-batch InfoNCE of Wasserstein distances
+    # (every image against every caption of the local batch, volta.losses.got.got_contrastive_loss). Balanced GOT
+    # on matched pairs alone lets words settle on the background patches every image has; README "Losses".
+    got_contrastive_weight: float = Field(0.0, ge=0.0)
+    got_contrastive_temperature: float = Field(0.05, gt=0.0)
+    got_contrastive_ipot_iters: int = Field(1, ge=1)
     # MLM and ITM
     mlm_weight: float = Field(1.0, ge=0.0)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)

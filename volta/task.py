@@ -5,13 +5,16 @@ fusion off -> Barlow Twins on global projections and GOT (WD + GWD) between patc
 fusion on  -> MLM on (image view v, masked caption v) and ITM on (image or a swapped image, caption v).
 ``L = bt_weight*L_BT + got_weight*L_GOT + mlm_weight*L_MLM + itm_weight*L_ITM`` with MLM and ITM averaged over
 the two views and GOT summed over the two (image, caption) pairs. A term with weight 0 is not computed.
+``loss.got_contrastive_weight > 0`` adds, inside the GOT term, the in-batch InfoNCE of Wasserstein distances
+(not in the paper; its negatives are the local batch, like ITM's).
 
 Distributed semantics (one rule for every term): each rank returns its share of the global objective, such that
 the global loss is the MEAN over ranks of the returned losses and, with differentiable sum all-reduces in the
 forward pass and gradients averaged over ranks (DeepSpeed/DDP), the gradient is that of the single-process loss
 on the whole batch. Barlow Twins and the projector BatchNorms reduce statistics over ranks; MLM divides by the
 global count of masked tokens; GOT and ITM are per-sample means over equal local batches. ITM negatives are drawn
-from the local batch (like the authors' code), so ITM is the one term whose sampling depends on the local batch.
+from the local batch (like the authors' code), so ITM and the optional GOT contrast are the terms whose value
+depends on how the global batch is split into local batches.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 
 from volta.config import LossConfig, VoltaConfig
 from volta.losses.barlow_twins import barlow_twins_loss
-from volta.losses.got import got_loss
+from volta.losses.got import got_contrastive_loss, got_loss
 from volta.losses.itm import itm_loss, sample_itm_pairs
 from volta.losses.mlm import IGNORE_INDEX
 from volta.models.global_batchnorm import convert_to_global_batchnorm
@@ -107,7 +110,8 @@ class VoLTATask(nn.Module):
         zero = torch.zeros((), device=device)
         out: dict[str, Tensor] = {}
         bt_z: list[tuple[Tensor, Tensor]] = []
-        wd_sum, gwd_sum, got_sum = zero, zero, zero
+        wd_sum, gwd_sum, got_sum, nce_sum = zero, zero, zero, zero
+        nce_acc: list[Tensor] = []
         mlm_terms: list[Tensor] = []
         itm_terms: list[Tensor] = []
         itm_acc: list[Tensor] = []
@@ -133,6 +137,19 @@ class VoLTATask(nn.Module):
                     wd_sum = wd_sum + res["wd"].mean()
                     gwd_sum = gwd_sum + res["gwd"].mean()
                     got_sum = got_sum + res["loss"]
+                    if c.got_contrastive_weight > 0:
+                        nce = got_contrastive_loss(
+                            g.image,
+                            g.text,
+                            g.image_mask,
+                            self._got_text_mask(v, g.text_mask),
+                            temperature=c.got_contrastive_temperature,
+                            ipot_beta=c.ipot_beta,
+                            ipot_iters=c.got_contrastive_ipot_iters,
+                        )
+                        nce_sum = nce_sum + nce["loss"]
+                        nce_acc.append(nce["acc"])
+                        got_sum = got_sum + c.got_contrastive_weight * nce["loss"]
             if c.mlm_weight > 0:
                 mlm_terms.append(self._mlm(v, img_p))
             if c.itm_weight > 0:
@@ -156,6 +173,9 @@ class VoLTATask(nn.Module):
             out["got_loss"] = c.got_weight * got_sum
             out["wd"] = wd_sum.detach()
             out["gwd"] = gwd_sum.detach()
+            if nce_acc:
+                out["got_nce"] = nce_sum.detach()
+                out["got_nce_acc"] = torch.stack(nce_acc).mean()
             total = total + out["got_loss"]
         if mlm_terms:
             out["mlm_loss"] = c.mlm_weight * torch.stack(mlm_terms).mean()

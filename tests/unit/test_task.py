@@ -122,3 +122,19 @@ def test_caption_of_only_specials_is_finite() -> None:
     assert all(torch.isfinite(out[k]) for k in (*TERMS, "loss"))
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
+def test_got_contrastive_term_is_added_inside_the_got_term() -> None:
+    batch = make_batch(tiny_config())
+    plain, contrast = _task(), _task("loss.got_contrastive_weight=0.5")
+    torch.manual_seed(3)
+    a = plain(batch)
+    torch.manual_seed(3)
+    b = contrast(batch)
+    assert "got_nce" not in a and "got_nce_acc" not in a
+    assert b["got_nce"] > 0 and 0 <= b["got_nce_acc"] <= 1
+    weight = contrast.loss_cfg.got_weight * 0.5
+    torch.testing.assert_close(b["got_loss"], a["got_loss"] + weight * b["got_nce"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b["loss"] - b["got_loss"], a["loss"] - a["got_loss"], rtol=1e-5, atol=1e-4)
+    off = _task("loss.got_contrastive_weight=0.5", "loss.got_weight=0")(batch)
+    assert "got_nce" not in off and "got_loss" not in off
