@@ -47,6 +47,19 @@ def run(
     An arm whose ``metrics.jsonl`` already holds validation metrics under ``out_dir`` and is not in ``arms`` is
     read back instead of retrained (the GOT = 0 arm does not depend on any GOT setting).
     """
+    results: dict[str, Any] = {}
+    if arms:
+        results = _train(config, overrides, out_dir, arms)
+    for name in ARMS:
+        if name not in results:
+            results[name] = _last_validation(Path(out_dir) / f"ablation-{name}" / "metrics.jsonl")
+    d, z = results["got_default"], results["got_zero"]
+    results["pointing_gain_points"] = 100 * (d["val/grounding_acc"] - z["val/grounding_acc"])
+    results["default_over_random"] = d["val/grounding_acc"] / max(d["val/grounding_random"], 1e-9)
+    return results
+
+
+def _train(config: str, overrides: list[str], out_dir: str, arms: tuple[str, ...]) -> dict[str, Any]:
     import ray
 
     from orchestration.pretrain import main
@@ -72,12 +85,6 @@ def run(
             results[name] = _last_validation(Path(out_dir) / f"ablation-{name}" / "metrics.jsonl")
     finally:
         ray.shutdown()
-    for name in ARMS:
-        if name not in results:
-            results[name] = _last_validation(Path(out_dir) / f"ablation-{name}" / "metrics.jsonl")
-    d, z = results["got_default"], results["got_zero"]
-    results["pointing_gain_points"] = 100 * (d["val/grounding_acc"] - z["val/grounding_acc"])
-    results["default_over_random"] = d["val/grounding_acc"] / max(d["val/grounding_random"], 1e-9)
     return results
 
 
@@ -88,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/got-ablation")
     p.add_argument(
         "--only",
-        choices=tuple(ARMS),
-        help="train this arm only and read the other one from an earlier run in --out",
+        choices=(*ARMS, "none"),
+        help="train this arm only and read the other one from an earlier run in --out ('none': read both)",
     )
     args = p.parse_args(argv)
-    arms = (args.only,) if args.only else tuple(ARMS)
+    arms = tuple(ARMS) if args.only is None else () if args.only == "none" else (args.only,)
     results = run(args.config, args.overrides, str(Path(args.out).resolve()), arms)
     print(f"{'metric':24s} {'GOT default':>12s} {'GOT = 0':>12s}", file=sys.stderr)
     for k in KEYS:
