@@ -40,6 +40,10 @@ def test_eval_all_prints_json_and_a_table(assets: EvalAssets, tmp_path: Path) ->
     assert set(out["retrieval"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
     assert set(out["grounding"]) >= {"acc", "random", "center", "n", "acc/color_shape"}
     assert out["grounding"]["n"] >= 24
+    # synthetic phrases are "<colour> <shape>": every word of every phrase is also pointed alone
+    assert out["grounding"]["word_n"] == 2 * out["grounding"]["n"]
+    assert sum(w["n"] for w in out["grounding_words"].values()) == out["grounding"]["word_n"]
+    assert "word pointed alone" in run.stderr
     assert set(out["probe"]) >= {"acc", "majority", "random_init_acc", "n_train", "n_test"}
     assert out["probe"]["n_train"] + out["probe"]["n_test"] == 24
     assert "grounding:" in run.stderr and "i2t_r1" in run.stderr

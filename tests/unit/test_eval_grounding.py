@@ -20,6 +20,7 @@ from volta.eval.grounding import (
     phrase_targets,
     phrase_token_mask,
     point_phrase,
+    word_spans,
 )
 from volta.models.volta_model import VoLTAOutputs
 
@@ -126,7 +127,7 @@ def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> 
     results = ground_batch(None, batch, outputs, LossConfig())  # type: ignore[arg-type]
     # Special tokens and padding never get mass (VOLTA.md defect 2).
     assert seen["text_mask"].tolist() == [[False] + [True] * 7 + [False, False]]
-    by_phrase = {r.phrase: r for r in results}
+    by_phrase = {r.phrase: r for r in results if r.word is None}
     assert set(by_phrase) == {"red circle", "blue star", "star"}
     assert by_phrase["red circle"].hit and not by_phrase["blue star"].hit and by_phrase["star"].hit
     assert by_phrase["red circle"].random == 0.25 and not by_phrase["red circle"].center
@@ -139,6 +140,20 @@ def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> 
     assert summary["acc/object"] == 0.5 and summary["n/object"] == 2
     assert summary["acc/word"] == 1.0 and summary["center/word"] == 1.0
     assert summary["random"] == 0.25
+    # Each word pointed alone at its phrase's boxes: "blue" peaks on patch 1 (miss), "star" on patch 3 (hit),
+    # "red" and "circle" on patch 0 (hits); the one-word phrase "star" is also its own word.
+    by_word = {(r.phrase, r.word): r.hit for r in results if r.word is not None}
+    assert by_word == {
+        ("red circle", "red"): True,
+        ("red circle", "circle"): True,
+        ("blue star", "blue"): False,
+        ("blue star", "star"): True,
+        ("star", "star"): True,
+    }
+    assert summary["word_acc"] == pytest.approx(4 / 5) and summary["word_n"] == 5
+    words = tally.words()
+    assert list(words) == ["star", "blue", "circle", "red"]  # most frequent first, then alphabetical
+    assert words["star"]["acc"] == 1.0 and words["star"]["n"] == 2 and words["blue"]["acc"] == 0.0
 
 
 def test_special_tokens_get_mass_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,3 +211,11 @@ def test_pointing_reads_an_unpruned_first_iterate_plan_by_default(monkeypatch: p
     )
     validate.evaluate_pass(None, cfg, None, shards="x", device="cpu")  # type: ignore[arg-type]
     assert seen == [(0.05, 7)]
+
+
+def test_word_spans_per_position_over_every_occurrence() -> None:
+    caption = "Red  Circle, then a red circle"
+    spans = find_phrase_spans(caption, "red circle")
+    assert spans == [(0, 11), (20, 30)]
+    assert word_spans(caption, spans) == [("red", [(0, 3), (20, 23)]), ("circle", [(5, 11), (24, 30)])]
+    assert word_spans("a b", []) == []

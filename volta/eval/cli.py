@@ -177,6 +177,11 @@ def _print_table(summary: dict[str, Any]) -> None:
         for name, value in values.items():
             shown = f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else f"{value:g}"
             lines.append(f"  {name:<28} {shown}")
+    words = summary.get("grounding_words")
+    if words:
+        lines.append(f"  {'word pointed alone':<28} {'acc':>6} {'random':>7} {'n':>6}")
+        for word, rates in words.items():
+            lines.append(f"  {word:<28} {rates['acc']:6.3f} {rates['random']:7.3f} {rates['n']:6g}")
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -200,6 +205,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if what in ("grounding", "all"):
         if result.grounding.count:
             summary["grounding"] = result.grounding.summary()
+            summary["grounding_words"] = result.grounding.words()
         elif what == "grounding":
             raise UsageError(
                 f"{shards}: no sample has JSON 'boxes' whose phrase occurs in its caption; grounding needs them"

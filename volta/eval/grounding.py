@@ -7,7 +7,8 @@ the GOT plan between the image patches and the caption tokens is computed exactl
 per patch; the phrase is a *hit* when the centre of the patch with the most mass, mapped back to the stored image,
 lies inside one of the phrase's boxes (boxes sharing a phrase are one target). Two baselines are reported: the
 expected hit rate of a uniformly random patch (the fraction of patch centres inside the target) and the centre
-patch (row ``h // 2``, column ``w // 2`` of the grid).
+patch (row ``h // 2``, column ``w // 2`` of the grid). Each word of a phrase is also pointed alone at the
+phrase's boxes (``word_*`` and :meth:`GroundingTally.words`): a two-word phrase can be a hit on one word's mass.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "phrase_token_mask",
     "point_phrase",
     "transport_plans",
+    "word_spans",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,8 @@ class PhraseResult:
     hit: bool
     random: float
     center: bool
+    # None: the whole phrase; else one word of it (lower case), pointed alone at the phrase's boxes
+    word: str | None = None
 
 
 def ground_batch(
@@ -240,7 +244,30 @@ def ground_batch(
             mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
             hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
             results.append(PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center))
+            for word, spans in word_spans(batch.captions[i], target.spans):
+                tokens = phrase_token_mask(batch.offsets[i], text_mask[r].cpu(), spans)
+                if bool(tokens.any()):
+                    mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
+                    hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
+                    results.append(
+                        PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center, word)
+                    )
     return results
+
+
+def word_spans(caption: str, spans: Sequence[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Each word of a phrase (lower case) with its character spans in every occurrence ``spans`` of the phrase.
+
+    Words are the whitespace-separated pieces of the caption inside an occurrence, in order; a word repeated in
+    the phrase is scored once per position.
+    """
+    per_position: list[tuple[str, list[tuple[int, int]]]] = []
+    for s, e in spans:
+        for k, m in enumerate(re.finditer(r"\S+", caption[s:e])):
+            if k == len(per_position):
+                per_position.append((m.group(0).lower(), []))
+            per_position[k][1].append((s + m.start(), s + m.end()))
+    return per_position
 
 
 # ------------------------------------------------------------------------------------------------ tally
@@ -261,19 +288,35 @@ class GroundingTally:
     @property
     def count(self) -> int:
         """Number of phrases scored."""
-        return len(self.results)
+        return sum(r.word is None for r in self.results)
 
     def summary(self) -> dict[str, float]:
         """``acc``, ``random``, ``center`` (fractions) and ``n`` overall, and ``acc/<type>``, ``random/<type>``,
-        ``center/<type>``, ``n/<type>`` per phrase type; empty when no phrase was scored."""
-        if not self.results:
+        ``center/<type>``, ``n/<type>`` per phrase type, all over whole phrases; ``word_acc``, ``word_random``,
+        ``word_center``, ``word_n`` over the words of the phrases pointed one at a time. Empty when no phrase
+        was scored."""
+        phrases = [r for r in self.results if r.word is None]
+        if not phrases:
             return {}
-        out = _rates(self.results)
-        kinds = sorted({r.type for r in self.results})
+        out = _rates(phrases)
+        kinds = sorted({r.type for r in phrases})
         for kind in kinds:
-            for name, value in _rates([r for r in self.results if r.type == kind]).items():
+            for name, value in _rates([r for r in phrases if r.type == kind]).items():
                 out[f"{name}/{_metric_name(kind)}"] = value
+        words = [r for r in self.results if r.word is not None]
+        if words:
+            out.update({f"word_{name}": value for name, value in _rates(words).items()})
         return out
+
+    def words(self) -> dict[str, dict[str, float]]:
+        """Per word of the phrases: ``acc``, ``random``, ``center``, ``n`` of the word pointed alone at its
+        phrase's boxes, most frequent words first (ties by word)."""
+        grouped: dict[str, list[PhraseResult]] = {}
+        for r in self.results:
+            if r.word is not None:
+                grouped.setdefault(r.word, []).append(r)
+        order = sorted(grouped, key=lambda w: (-len(grouped[w]), w))
+        return {w: _rates(grouped[w]) for w in order}
 
 
 def _rates(results: Sequence[PhraseResult]) -> dict[str, float]:
