@@ -127,13 +127,8 @@ class VoLTATask(nn.Module):
                     bt_z.append((proj.image, proj.text))
                 if c.got_weight > 0:
                     g = self.model.got_projections(dual)
-                    res = got_loss(
-                        g.image,
-                        g.text,
-                        g.image_mask,
-                        self._got_text_mask(v, g.text_mask),
-                        **c.got_kwargs(),
-                    )
+                    got_text_mask = self._got_text_mask(v, g.text_mask)
+                    res = got_loss(g.image, g.text, g.image_mask, got_text_mask, **c.got_kwargs())
                     wd_sum = wd_sum + res["wd"].mean()
                     gwd_sum = gwd_sum + res["gwd"].mean()
                     got_sum = got_sum + res["loss"]
@@ -142,7 +137,7 @@ class VoLTATask(nn.Module):
                             g.image,
                             g.text,
                             g.image_mask,
-                            self._got_text_mask(v, g.text_mask),
+                            got_text_mask,
                             temperature=c.got_contrastive_temperature,
                             ipot_beta=c.ipot_beta,
                             ipot_iters=c.got_contrastive_ipot_iters,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.got import SETTINGS, baseline_got
-from volta.losses.got import _CosineSimilarities, cosine_cost, got_loss, prune_cost
+from volta.losses.got import _CosineSimilarities, cosine_cost, got_contrastive_loss, got_loss, prune_cost
 
 
 def _batch(
@@ -216,10 +216,18 @@ def test_sample_without_tokens_contributes_zero_and_is_left_out_of_the_mean() ->
     assert out["loss"] == 0
 
 
-def test_autocast_does_not_change_the_result() -> None:
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda *t: got_loss(*t, **SETTINGS),
+        lambda *t: got_contrastive_loss(*t, temperature=0.1, ipot_beta=0.5, ipot_iters=3),
+    ],
+    ids=["got_loss", "got_contrastive_loss"],
+)
+def test_autocast_does_not_change_the_result(loss_fn: Any) -> None:
     image, text, image_mask, text_mask = _batch(torch.float32)
-    plain = got_loss(image, text, image_mask, text_mask, **SETTINGS)
+    plain = loss_fn(image, text, image_mask, text_mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = got_loss(image, text, image_mask, text_mask, **SETTINGS)
+        mixed = loss_fn(image, text, image_mask, text_mask)
     assert mixed["loss"].dtype == torch.float32
     torch.testing.assert_close(mixed["loss"], plain["loss"])

@@ -236,22 +236,21 @@ def ground_batch(
     for r, i in enumerate(rows):
         width, height = (float(v) for v in batch.orig_sizes[i].tolist())
         centers = patch_centers(grid, width, height)  # (P, 2) in stored-image pixels
+        valid = text_mask[r].cpu()
         for target in targets[i]:
-            tokens = phrase_token_mask(batch.offsets[i], text_mask[r].cpu(), target.spans)  # (T,)
-            if not bool(tokens.any()):
-                log.debug("%s: phrase %r lost to truncation", batch.keys[i], target.phrase)
-                continue
-            mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
-            hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
-            results.append(PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center))
-            for word, spans in word_spans(batch.captions[i], target.spans):
-                tokens = phrase_token_mask(batch.offsets[i], text_mask[r].cpu(), spans)
-                if bool(tokens.any()):
-                    mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
-                    hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
-                    results.append(
-                        PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center, word)
-                    )
+            # the whole phrase (word None), then each of its words alone, against the phrase's boxes
+            for word, spans in [(None, list(target.spans)), *word_spans(batch.captions[i], target.spans)]:
+                tokens = phrase_token_mask(batch.offsets[i], valid, spans)  # (T,)
+                if not bool(tokens.any()):
+                    if word is None:  # its words are cut too
+                        log.debug("%s: phrase %r lost to truncation", batch.keys[i], target.phrase)
+                        break
+                    continue
+                mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
+                hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
+                results.append(
+                    PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center, word)
+                )
     return results
 
 

@@ -145,6 +145,16 @@ def _uniform(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def _check_tokens(image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor, text_mask: Tensor) -> None:
+    """Shapes ``(B, P, D)``, ``(B, T, D)`` with masks ``(B, P)``, ``(B, T)``, or a one-line ValueError."""
+    if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[0] != text_tokens.shape[0]:
+        raise ValueError(
+            f"expected (B, P, D) and (B, T, D), got {tuple(image_tokens.shape)}, {tuple(text_tokens.shape)}"
+        )
+    if image_mask.shape != image_tokens.shape[:2] or text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(f"masks {tuple(image_mask.shape)}, {tuple(text_mask.shape)} do not match the tokens")
+
+
 def got_loss(
     image_tokens: Tensor,
     text_tokens: Tensor,
@@ -173,12 +183,7 @@ def got_loss(
     of the mean: ``loss = mean over the other samples of wd_weight * wd + gwd_weight * gwd`` (0, with a
     gradient of zeros, when there is none). ``plan`` is the detached WD plan ``(B, P, T)`` for inspection.
     """
-    if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[0] != text_tokens.shape[0]:
-        raise ValueError(
-            f"expected (B, P, D) and (B, T, D), got {tuple(image_tokens.shape)}, {tuple(text_tokens.shape)}"
-        )
-    if image_mask.shape != image_tokens.shape[:2] or text_mask.shape != text_tokens.shape[:2]:
-        raise ValueError(f"masks {tuple(image_mask.shape)}, {tuple(text_mask.shape)} do not match the tokens")
+    _check_tokens(image_tokens, text_tokens, image_mask, text_mask)
     bsz, num_patches, num_tokens = image_tokens.shape[0], image_tokens.shape[1], text_tokens.shape[1]
     image_mask, text_mask = image_mask.bool(), text_mask.bool()
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
@@ -248,12 +253,7 @@ def got_contrastive_loss(
     Samples without a valid patch or token are left out; with fewer than two samples left the loss is 0 (with a
     zero gradient). Negatives are the local batch (no all-gather). All arithmetic in fp32 (fp64 for fp64 inputs).
     """
-    if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[0] != text_tokens.shape[0]:
-        raise ValueError(
-            f"expected (B, P, D) and (B, T, D), got {tuple(image_tokens.shape)}, {tuple(text_tokens.shape)}"
-        )
-    if image_mask.shape != image_tokens.shape[:2] or text_mask.shape != text_tokens.shape[:2]:
-        raise ValueError(f"masks {tuple(image_mask.shape)}, {tuple(text_mask.shape)} do not match the tokens")
+    _check_tokens(image_tokens, text_tokens, image_mask, text_mask)
     if temperature <= 0:
         raise ValueError(f"expected temperature > 0, got {temperature}")
     image_mask, text_mask = image_mask.bool(), text_mask.bool()
