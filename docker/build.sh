@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build (and with --push, push) the volta images with the versions pinned in docker/versions.env.
+# Build (and with --push, push) the volta images: base images and names from docker/versions.env, Python
+# packages from the lock (requirements/*.txt) that the Dockerfiles install.
 #   docker/build.sh            GPU image  ${IMAGE_REGISTRY}/volta-gpu:${VOLTA_VERSION}-${CUDA_FLAVOR}
 #   docker/build.sh --cpu      CPU image  ${IMAGE_REGISTRY}/volta-cpu:${VOLTA_VERSION}
 #   IMAGE_REGISTRY=my.registry/team docker/build.sh --push
@@ -22,26 +23,18 @@ for arg in "$@"; do
   esac
 done
 
-common_args=(
-  --build-arg "UV_IMAGE=$UV_IMAGE"
-  --build-arg "TORCH_VERSION=$TORCH_VERSION"
-  --build-arg "TORCHVISION_VERSION=$TORCHVISION_VERSION"
-  --build-arg "DEEPSPEED_VERSION=$DEEPSPEED_VERSION"
-  --build-arg "RAY_VERSION=$RAY_VERSION"
-  --build-arg "MLFLOW_VERSION=$MLFLOW_VERSION"
-  --build-arg "OPTUNA_VERSION=$OPTUNA_VERSION"
-)
+common_args=(--build-arg "UV_IMAGE=$UV_IMAGE")
 if [[ $flavor == gpu ]]; then
   tag="$IMAGE_REGISTRY/volta-gpu:$VOLTA_VERSION-$CUDA_FLAVOR"
   docker build -f "$here/Dockerfile" -t "$tag" "${common_args[@]}" \
     --build-arg "CUDA_BASE_IMAGE=$CUDA_BASE_IMAGE" \
-    --build-arg "CUDA_FLAVOR=$CUDA_FLAVOR" \
     --build-arg "PYTHON_VERSION=$PYTHON_VERSION" \
     "$root"
 else
   tag="$IMAGE_REGISTRY/volta-cpu:$VOLTA_VERSION"
   docker build -f "$here/Dockerfile.cpu" -t "$tag" "${common_args[@]}" \
     --build-arg "CPU_BASE_IMAGE=$CPU_BASE_IMAGE" \
+    --build-arg "TORCH_CPU_INDEX_URL=$TORCH_CPU_INDEX_URL" \
     "$root"
 fi
 if [[ $push == 1 ]]; then

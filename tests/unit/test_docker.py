@@ -1,7 +1,8 @@
-"""The container images, checked without a container engine: hadolint, non-root user, pinned versions.
+"""The container images, checked without a container engine: hadolint, non-root user, locked versions.
 
-docker/versions.env is the one place versions live; the Dockerfiles' ARG defaults, docker/build.sh, the
-Makefile's torch pins, pyproject.toml's constraints and the development virtualenv must agree with it.
+Python package versions live only in the lock (requirements/*.txt); both images and the dev venv install it.
+docker/versions.env holds the rest (images, CUDA line, Python minor); the Dockerfiles' ARG defaults and
+docker/build.sh must agree with it, and its CUDA line and uv image with the lock.
 """
 
 from __future__ import annotations
@@ -17,27 +18,18 @@ from pathlib import Path
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.conftest import REPO
-from tests.fixtures_deploy import read_env_file
+from tests.fixtures_deploy import locked_versions, read_env_file
 
 DOCKER = REPO / "docker"
 GPU = DOCKER / "Dockerfile"
 CPU = DOCKER / "Dockerfile.cpu"
 DOCKERFILES = [GPU, CPU]
-# versions.env key -> Python distribution it pins.
-PINNED = {
-    "TORCH_VERSION": "torch",
-    "TORCHVISION_VERSION": "torchvision",
-    "DEEPSPEED_VERSION": "deepspeed",
-    "RAY_VERSION": "ray",
-    "MLFLOW_VERSION": "mlflow",
-    "OPTUNA_VERSION": "optuna",
-}
-
-
 VERSIONS = read_env_file(DOCKER / "versions.env")
+LOCKED = locked_versions()
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -129,7 +121,10 @@ def test_image_runs_as_uid_1000_with_writable_caches(dockerfile: Path) -> None:
     assert ("WORKDIR", "/app") in steps
     assert any(kind == "COPY" and a.endswith(". /app") and "--chown=1000:1000" in a for kind, a in steps)
     runs = " ".join(a for kind, a in steps if kind == "RUN")
-    assert '"/app[train]"' in runs, "volta must be installed with the train extra"
+    assert "--no-build-isolation /app" in runs, (
+        "volta itself must be installed (its dependencies come from the lock)"
+    )
+    assert {"deepspeed", "ray", "mlflow", "optuna"} <= set(LOCKED), "the lock must hold the train extra"
     assert "numactl" in runs
     assert "/tmp/ray" in runs, "/tmp/ray must exist and belong to UID 1000 when no emptyDir is mounted"
 
@@ -163,7 +158,6 @@ def test_arg_defaults_equal_the_versions_file(dockerfile: Path) -> None:
         assert value == VERSIONS[key], (
             f"{dockerfile.name}: ARG {key}={value}, versions.env has {VERSIONS[key]}"
         )
-    assert set(PINNED) <= set(defaults)
 
 
 def test_build_script_passes_every_arg() -> None:
@@ -173,35 +167,117 @@ def test_build_script_passes_every_arg() -> None:
             assert f'--build-arg "{key}=${key}"' in script, f"build.sh does not pass {key}"
 
 
-def test_base_images_are_pinned_and_match_the_cuda_line() -> None:
+def test_versions_file_holds_no_python_package_versions() -> None:
+    """A second list of package versions would drift from the lock: only the lock pins Python packages."""
+    for key in VERSIONS:
+        assert not key.endswith("_VERSION") or key in ("PYTHON_VERSION", "VOLTA_VERSION"), (
+            f"docker/versions.env: {key} pins a Python package; the lock (requirements/) is its one place"
+        )
+    for dockerfile in DOCKERFILES:
+        runs = " ".join(a for kind, a in instructions(dockerfile) if kind == "RUN")
+        assert not re.search(r"[A-Za-z0-9_\]-]==\d", runs), (
+            f"{dockerfile.name} pins a version outside the lock"
+        )
+
+
+def test_base_images_are_pinned_and_match_the_locked_cuda_line() -> None:
     for key in ("CUDA_BASE_IMAGE", "CPU_BASE_IMAGE", "UV_IMAGE"):
         name, _, tag = VERSIONS[key].rpartition(":")
         assert name and tag and tag != "latest", key
-    flavor = VERSIONS["CUDA_FLAVOR"]
-    assert flavor in ("cu128", "cu130"), "torch 2.14 ships cu128 and cu130 wheels"
+    # The GPU image runs the locked PyPI torch build; its CUDA runtime wheel names the CUDA line.
+    runtime = re.match(r"(\d+)\.(\d+)", LOCKED["nvidia-cuda-runtime"])
+    assert runtime, LOCKED["nvidia-cuda-runtime"]
+    flavor = f"cu{runtime.group(1)}{runtime.group(2)}"
+    assert VERSIONS["CUDA_FLAVOR"] == flavor, f"the locked torch build is {flavor}"
     cuda = re.match(r"(\d+)\.(\d+)", VERSIONS["CUDA_BASE_IMAGE"].rpartition(":")[2])
     assert cuda and f"cu{cuda.group(1)}{cuda.group(2)}" == flavor
     assert VERSIONS["CPU_BASE_IMAGE"].startswith(f"python:{VERSIONS['PYTHON_VERSION']}.")
-    assert "download.pytorch.org/whl/${CUDA_FLAVOR}" in GPU.read_text()
-    assert "download.pytorch.org/whl/cpu" in CPU.read_text()
+    assert VERSIONS["UV_IMAGE"].rpartition(":")[2] == LOCKED["uv"], "the images' uv must be the locked uv"
+    assert VERSIONS["TORCH_CPU_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
 
 
-def test_pins_satisfy_pyproject_and_match_the_dev_environment() -> None:
+def installs(dockerfile: Path) -> list[str]:
+    """The `uv pip install` commands of a Dockerfile's RUN steps."""
+    commands = []
+    for kind, args in instructions(dockerfile):
+        if kind == "RUN":
+            commands += [c.strip() for c in args.split("&&") if "uv pip install" in c]
+    return commands
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_the_lock_with_hash_checking(dockerfile: Path) -> None:
+    steps = instructions(dockerfile)
+    copy_lock = steps.index(("COPY", "--chown=1000:1000 requirements/ /app/requirements/"))
+    copy_tree = steps.index(("COPY", "--chown=1000:1000 . /app"))
+    assert copy_lock < copy_tree, "the lock layer must come before the source so code edits reuse it"
+    commands = installs(dockerfile)
+    locked = [c for c in commands if "-r requirements/" in c]
+    wanted = (
+        {"requirements/lock.txt", "requirements/torch.txt"}
+        if dockerfile == GPU
+        else {"requirements/lock.txt"}
+    )
+    assert {re.search(r"-r (\S+)", c).group(1) for c in locked} == wanted  # type: ignore[union-attr]
+    for command in locked:
+        assert "--require-hashes" in command and "--no-deps" in command, command
+    for command in commands:
+        assert "--no-deps" in command, (
+            f"{dockerfile.name}: every install takes its dependencies from the lock"
+        )
+    assert "uv pip check" in " ".join(a for kind, a in steps if kind == "RUN")
+
+
+def test_cpu_image_takes_the_locked_torch_versions_from_the_cpu_index() -> None:
+    (torch_install,) = [c for c in installs(CPU) if "torch==" in c]
+    assert '--index-url "${TORCH_CPU_INDEX_URL}"' in torch_install
+    assert '"torch==${torch_version}+cpu"' in torch_install
+    assert '"torchvision==${torchvision_version}+cpu"' in torch_install
+    runs = " ".join(a for kind, a in instructions(CPU) if kind == "RUN")
+    # The shell reads both versions from the torch lock; run the same extraction here.
+    for name, variable in (("torch", "torch_version"), ("torchvision", "torchvision_version")):
+        match = re.search(variable + r'="\$\(sed -n (\'[^\']+\') requirements/torch.txt\)"', runs)
+        assert match, f"Dockerfile.cpu must read {name}'s version from requirements/torch.txt"
+        out = subprocess.run(
+            ["sed", "-n", shlex.split(match.group(1))[0], str(REPO / "requirements" / "torch.txt")],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        assert out == LOCKED[name], f"{variable} would be {out!r}, the lock has {LOCKED[name]}"
+
+
+def test_lock_satisfies_pyproject_and_equals_the_dev_environment() -> None:
+    """The dev venv holds exactly the locked versions; since both images install the same lock, they agree too."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [
-        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["train"]
+    requirements = [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(r) for extra in project["optional-dependencies"].values() for r in extra
     ]
-    by_name = {r.name: r for r in requirements}
-    for key, dist in PINNED.items():
-        pinned = Version(VERSIONS[key])
-        assert by_name[dist].specifier.contains(pinned, prereleases=True), f"{dist} {pinned} vs pyproject"
-        installed = Version(importlib.metadata.version(dist))
-        assert installed.public == pinned.public, f"{dist}: venv has {installed}, image pins {pinned}"
-    makefile = (REPO / "Makefile").read_text()
-    assert f"torch=={VERSIONS['TORCH_VERSION']}" in makefile
-    assert f"torchvision=={VERSIONS['TORCHVISION_VERSION']}" in makefile
+    for req in requirements:
+        name = canonicalize_name(req.name)
+        if name == "volta":
+            continue
+        assert name in LOCKED, f"{req.name} is required by pyproject.toml but not locked: run `make lock`"
+        assert req.specifier.contains(Version(LOCKED[name]), prereleases=True), (
+            f"{req} vs lock {LOCKED[name]}"
+        )
+    for name, version in LOCKED.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{name}=={version} is locked but not installed in the venv: run `make venv`")
+        assert Version(installed) == Version(version), f"{name}: venv has {installed}, the lock has {version}"
     assert VERSIONS["VOLTA_VERSION"] == project["version"]
     assert sys.version_info[:2] == tuple(int(x) for x in VERSIONS["PYTHON_VERSION"].split("."))
+
+
+def test_the_venv_is_built_from_the_lock() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    stamp = re.search(r"^\$\(STAMP\): (.*)$", makefile, re.M)
+    assert stamp and {"$(LOCK)", "$(TORCH_LOCK)"} <= set(stamp.group(1).split()), "a lock change must rebuild"
+    recipe = makefile[stamp.end() : makefile.index("touch $(STAMP)")]
+    assert "-r $(TORCH_LOCK)" in recipe and "-r $(LOCK)" in recipe
+    assert "--require-hashes" in makefile and "--no-deps" in makefile
+    assert "$(PIP) check" in recipe
+    assert re.search(r"^test: lock-check ", makefile, re.M), "make test must run lock-check"
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.fixtures_deploy import read_env_file
+from tests.fixtures_deploy import locked_versions, read_env_file
 from volta.config import config_from_dict, load_config
 
 K8S = REPO / "k8s"
@@ -314,7 +314,7 @@ def test_ray_clusters_use_token_auth_and_the_pinned_ray_version() -> None:
     assert len(specs) == 3
     for spec in specs:
         assert spec["authOptions"] == {"mode": "token"}
-        assert spec["rayVersion"] == VERSIONS["RAY_VERSION"]
+        assert spec["rayVersion"] == locked_versions()["ray"]
 
 
 def test_rayjobs_clean_up_and_retry() -> None:
