@@ -37,6 +37,17 @@ class FakeBatch:
     def to(self, device: Any) -> FakeBatch:
         return FakeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def double(self) -> FakeBatch:
+        """A copy with both image views in float64 (token fields unchanged)."""
+        return FakeBatch(
+            **{
+                f.name: getattr(self, f.name).double()
+                if f.name.startswith("images")
+                else getattr(self, f.name)
+                for f in fields(self)
+            }
+        )
+
     def rows(self, idx: slice) -> FakeBatch:
         return FakeBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
