@@ -7,13 +7,12 @@ data pipeline (which ``bench.data`` measures on its own) and need no tokenizer f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from volta.config import VoltaConfig
-from volta.data.batch import VoltaBatch
-from volta.losses.mlm import mask_tokens
+from volta.data.batch import View, VoltaBatch
+from volta.data.masking import mask_tokens
 from volta.task import AllReduce, VoLTATask
 
 # RoBERTa's special ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> at the end of the vocabulary (volta's BPE
@@ -81,11 +80,8 @@ def random_batch(config: VoltaConfig, batch_size: int, vocab_size: int, seed: in
     """
     gen = torch.Generator().manual_seed(seed)
     size, length = config.model.image.img_size, config.model.text.max_length
-    fields: dict[str, Any] = {
-        "image_ids": torch.arange(batch_size, dtype=torch.long) + 1_000 * seed,  # (B,) all distinct
-        "keys": [f"bench-{seed}-{i}" for i in range(batch_size)],
-    }
-    for view in (1, 2):
+    views = []
+    for _ in range(2):
         ids, attn, special = _captions(gen, batch_size, length, vocab_size)
         masked, labels = mask_tokens(
             ids,
@@ -96,12 +92,10 @@ def random_batch(config: VoltaConfig, batch_size: int, vocab_size: int, seed: in
             generator=gen,
             num_special_ids=FIRST_WORD_ID,
         )
-        fields |= {
-            f"images{view}": torch.randn(batch_size, 3, size, size, generator=gen),
-            f"input_ids{view}": ids,
-            f"attention_mask{view}": attn,
-            f"special_tokens_mask{view}": special,
-            f"mlm_input_ids{view}": masked,
-            f"mlm_labels{view}": labels,
-        }
-    return VoltaBatch(**fields)
+        images = torch.randn(batch_size, 3, size, size, generator=gen)
+        views.append(View(images, ids, attn, special, masked, labels))
+    return VoltaBatch(
+        views=(views[0], views[1]),
+        image_ids=torch.arange(batch_size, dtype=torch.long) + 1_000 * seed,  # (B,) all distinct
+        keys=[f"bench-{seed}-{i}" for i in range(batch_size)],
+    )

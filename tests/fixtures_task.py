@@ -2,54 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor
 
 from tests.conftest import REPO
 from volta.config import VoltaConfig, load_config
-from volta.losses.mlm import mask_tokens
+from volta.data.batch import View, VoltaBatch
+from volta.data.masking import mask_tokens
 
 VOCAB = 300
 PAD, CLS, SEP, MASK = 1, 0, 2, 4
 
 
-@dataclass
-class FakeBatch:
-    """The fields of volta.data.batch.VoltaBatch that the task reads."""
+def batch_rows(batch: VoltaBatch, idx: slice) -> VoltaBatch:
+    """The samples ``idx`` of a batch (both views, ids and keys)."""
+    views = tuple(View(**{f.name: getattr(v, f.name)[idx] for f in fields(v)}) for v in batch.views)
+    return VoltaBatch(views=views, image_ids=batch.image_ids[idx], keys=batch.keys[idx])  # type: ignore[arg-type]
 
-    images1: Tensor
-    images2: Tensor
-    input_ids1: Tensor
-    attention_mask1: Tensor
-    special_tokens_mask1: Tensor
-    input_ids2: Tensor
-    attention_mask2: Tensor
-    special_tokens_mask2: Tensor
-    mlm_input_ids1: Tensor
-    mlm_labels1: Tensor
-    mlm_input_ids2: Tensor
-    mlm_labels2: Tensor
-    image_ids: Tensor
 
-    def to(self, device: Any) -> FakeBatch:
-        return FakeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def double(self) -> FakeBatch:
-        """A copy with both image views in float64 (token fields unchanged)."""
-        return FakeBatch(
-            **{
-                f.name: getattr(self, f.name).double()
-                if f.name.startswith("images")
-                else getattr(self, f.name)
-                for f in fields(self)
-            }
-        )
-
-    def rows(self, idx: slice) -> FakeBatch:
-        return FakeBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+def batch_double(batch: VoltaBatch) -> VoltaBatch:
+    """A copy with both image views in float64 (token fields unchanged)."""
+    views = tuple(replace(v, images=v.images.double()) for v in batch.views)
+    return replace(batch, views=views)
 
 
 def tiny_config(*overrides: str) -> VoltaConfig:
@@ -78,7 +54,7 @@ def _caption(g: torch.Generator, b: int, length: int) -> tuple[Tensor, Tensor, T
     return ids, attn, special
 
 
-def make_batch(config: VoltaConfig, b: int = 8, seed: int = 0) -> FakeBatch:
+def make_batch(config: VoltaConfig, b: int = 8, seed: int = 0) -> VoltaBatch:
     """A random two-view batch shaped for ``config``."""
     g = torch.Generator().manual_seed(seed)
     size = config.model.image.img_size
@@ -87,18 +63,12 @@ def make_batch(config: VoltaConfig, b: int = 8, seed: int = 0) -> FakeBatch:
     ids2, attn2, sp2 = _caption(g, b, length)
     m1, l1 = mask_tokens(ids1, sp1, mask_token_id=MASK, vocab_size=VOCAB, generator=g)
     m2, l2 = mask_tokens(ids2, sp2, mask_token_id=MASK, vocab_size=VOCAB, generator=g)
-    return FakeBatch(
-        images1=torch.randn(b, 3, size, size, generator=g),
-        images2=torch.randn(b, 3, size, size, generator=g),
-        input_ids1=ids1,
-        attention_mask1=attn1,
-        special_tokens_mask1=sp1,
-        input_ids2=ids2,
-        attention_mask2=attn2,
-        special_tokens_mask2=sp2,
-        mlm_input_ids1=m1,
-        mlm_labels1=l1,
-        mlm_input_ids2=m2,
-        mlm_labels2=l2,
-        image_ids=torch.arange(b, dtype=torch.long) * 7919,
+    images1 = torch.randn(b, 3, size, size, generator=g)
+    images2 = torch.randn(b, 3, size, size, generator=g)
+    views = (
+        View(images1, ids1, attn1, sp1, m1, l1),
+        View(images2, ids2, attn2, sp2, m2, l2),
+    )
+    return VoltaBatch(
+        views=views, image_ids=torch.arange(b, dtype=torch.long) * 7919, keys=[str(i) for i in range(b)]
     )

@@ -1,8 +1,9 @@
 """Golden per-step losses of the debug recipe: the numbers a refactor must not move.
 
 Eight optimizer steps of the debug model (dropout off, every loss term on, the GOT contrast included) in float64
-with the plain-torch engine, on seeded random batches, for each task variant (prefix sharing on and off). Every loss term, the logged statistics and the gradient norm of each
-step are compared with ``tests/golden/debug_losses.json``.
+with the plain-torch engine, on seeded random batches, for each task variant (prefix sharing on and off; uniform
+and hard ITM negatives). Every loss term, the logged statistics and the gradient norm of each step are compared
+with ``tests/golden/debug_losses.json``.
 
 A deliberate change of the numbers (a loss fix, a new default, a dependency upgrade that changes initialisation)
 regenerates the file, and the commit says why::
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tests.fixtures_task import VOCAB, make_batch, tiny_config
+from tests.fixtures_task import VOCAB, batch_double, make_batch, tiny_config
 from volta.models.factory import build_model
 from volta.task import VoLTATask
 from volta.training.engine import TorchEngine
@@ -32,6 +33,7 @@ BATCH = 8
 ALL_TERMS = ("loss.got_contrastive_weight=0.1", "optim.grad_clip=1.0")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "prefix_sharing-uniform_negatives": ("model.share_unimodal_prefix=true", "loss.itm_negatives=uniform"),
+    "prefix_sharing-hard_negatives": ("model.share_unimodal_prefix=true", "loss.itm_negatives=hard"),
     "no_prefix_sharing-uniform_negatives": (
         "model.share_unimodal_prefix=false",
         "loss.itm_negatives=uniform",
@@ -50,7 +52,7 @@ def run_variant(overrides: tuple[str, ...]) -> list[dict[str, float]]:
     engine = TorchEngine(task, optimizer, scheduler, grad_clip=config.optim.grad_clip)
     records = []
     for step in range(STEPS):
-        batch = make_batch(config, b=BATCH, seed=1000 + step).double()
+        batch = batch_double(make_batch(config, b=BATCH, seed=1000 + step))
         out = engine.forward(batch)
         engine.backward(out["loss"])
         engine.step()

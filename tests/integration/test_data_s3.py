@@ -80,8 +80,9 @@ def test_two_ranks_two_workers_read_every_sample_once_and_resume(
     resumed = list(build_train_loader(cfg, tiny_tokenizer, rank=0, world_size=2, epoch=1, start_batch=k))
     assert [b.keys for b in resumed] == [b.keys for b in runs[0][k:]]
     for a, b in zip(resumed, runs[0][k:]):
-        assert a.images1.equal(b.images1) and a.images2.equal(b.images2)
-        assert a.mlm_input_ids1.equal(b.mlm_input_ids1) and a.mlm_labels2.equal(b.mlm_labels2)
+        for va, vb in zip(a.views, b.views, strict=True):
+            assert va.images.equal(vb.images) and va.mlm_input_ids.equal(vb.mlm_input_ids)
+            assert va.mlm_labels.equal(vb.mlm_labels)
         assert a.position == b.position
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.fixtures_task import VOCAB, FakeBatch, make_batch, tiny_config
+from tests.fixtures_task import VOCAB, batch_double, batch_rows, make_batch, tiny_config
 from volta.losses.barlow_twins import differentiable_all_reduce_sum
 from volta.models.factory import build_model
 from volta.task import VoLTATask
@@ -33,19 +33,14 @@ def _task(all_reduce: object) -> VoLTATask:
     return task
 
 
-def _double(batch: FakeBatch) -> FakeBatch:
-    batch.images1, batch.images2 = batch.images1.double(), batch.images2.double()
-    return batch
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         task = _task(differentiable_all_reduce_sum)
-        batch = _double(
-            make_batch(tiny_config(*OVERRIDES), b=B).rows(slice(rank * B // 2, (rank + 1) * B // 2))
+        batch = batch_double(
+            batch_rows(make_batch(tiny_config(*OVERRIDES), b=B), slice(rank * B // 2, (rank + 1) * B // 2))
         )
         out = task(batch)
         out["loss"].backward()
@@ -76,7 +71,7 @@ def test_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     dist_result = torch.load(tmp_path / "dist.pt", weights_only=True)
 
     task = _task(None)
-    out = task(_double(make_batch(tiny_config(*OVERRIDES), b=B)))
+    out = task(batch_double(make_batch(tiny_config(*OVERRIDES), b=B)))
     out["loss"].backward()
     for k, v in dist_result["losses"].items():
         assert torch.allclose(v.squeeze(), out[k].detach(), rtol=1e-7, atol=1e-9), (k, v, out[k])

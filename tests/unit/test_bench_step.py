@@ -18,11 +18,12 @@ def test_random_batch_is_shaped_for_the_recipe_and_trains() -> None:
     cfg = tiny_config()
     batch = random_batch(cfg, 3, VOCAB, seed=1)
     size, length = cfg.model.image.img_size, cfg.model.text.max_length
-    assert batch.images1.shape == batch.images2.shape == (3, 3, size, size)
-    assert batch.input_ids1.shape == batch.mlm_labels2.shape == (3, length)
-    assert int(batch.input_ids1.max()) < VOCAB and batch.image_ids.unique().numel() == 3
-    assert bool((batch.mlm_labels1 != -100).any())  # something to predict
-    assert torch.equal(random_batch(cfg, 3, VOCAB, seed=1).images1, batch.images1)  # seeded
+    first, second = batch.views
+    assert first.images.shape == second.images.shape == (3, 3, size, size)
+    assert first.input_ids.shape == second.mlm_labels.shape == (3, length)
+    assert int(first.input_ids.max()) < VOCAB and batch.image_ids.unique().numel() == 3
+    assert bool((first.mlm_labels != -100).any())  # something to predict
+    assert torch.equal(random_batch(cfg, 3, VOCAB, seed=1).views[0].images, first.images)  # seeded
     torch.manual_seed(0)
     out = build_bench_task(cfg, VOCAB)(batch)
     assert {"bt_loss", "got_loss", "mlm_loss", "itm_loss", "loss"} <= set(out)

@@ -22,9 +22,9 @@ from tests.fixtures_data import (
 )
 from volta.data.batch import VoltaBatch
 from volta.data.factory import build_eval_loader, build_train_loader
+from volta.data.masking import IGNORE_INDEX
 from volta.data.pipeline import SkipCounter, iter_shard_samples, shard_stream
 from volta.data.shards import resolve_shards
-from volta.losses.mlm import IGNORE_INDEX
 
 tiny_tokenizer = fixtures_data.tiny_tokenizer  # a session fixture
 
@@ -121,13 +121,11 @@ def test_batch_contents(tmp_path: Path, tiny_tokenizer: Any) -> None:
     batches = list(build_train_loader(cfg, tiny_tokenizer, rank=0, world_size=1, epoch=0))
     assert len(batches) == 2
     b = batches[0]
-    assert b.batch_size == 4 and b.images1.shape == b.images2.shape == (4, 3, 32, 32)
-    assert b.images1.dtype == torch.float32
-    for i in (1, 2):
-        ids, att, special = (
-            getattr(b, f"{n}{i}") for n in ("input_ids", "attention_mask", "special_tokens_mask")
-        )
-        mlm_ids, labels = getattr(b, f"mlm_input_ids{i}"), getattr(b, f"mlm_labels{i}")
+    assert b.batch_size == 4 and b.views[0].images.shape == b.views[1].images.shape == (4, 3, 32, 32)
+    assert b.views[0].images.dtype == torch.float32
+    for view in b.views:
+        ids, att, special = view.input_ids, view.attention_mask, view.special_tokens_mask
+        mlm_ids, labels = view.mlm_input_ids, view.mlm_labels
         assert ids.shape == att.shape == special.shape == mlm_ids.shape == labels.shape == (4, 16)
         assert special.dtype == torch.bool
         assert bool(special[att == 0].all())  # padding counts as special
@@ -142,6 +140,7 @@ def test_batch_contents(tmp_path: Path, tiny_tokenizer: Any) -> None:
     assert all(v == 0 for v in b.stats.values())
     moved = b.to("cpu")
     assert isinstance(moved, VoltaBatch) and moved.keys == b.keys
+    assert all(torch.equal(v.mlm_labels, w.mlm_labels) for v, w in zip(moved.views, b.views, strict=True))
     # The twin shard: decode it through a reader over just that shard.
     cfg2 = tiny_config(
         str(tmp_path / "00002.tar"),
@@ -156,10 +155,10 @@ def _fingerprint(batches: list[VoltaBatch]) -> list[tuple[Any, ...]]:
     return [
         (
             b.keys,
-            b.images1.sum().item(),
-            b.images2.sum().item(),
-            b.mlm_input_ids1.tolist(),
-            b.mlm_input_ids2.tolist(),
+            b.views[0].images.sum().item(),
+            b.views[1].images.sum().item(),
+            b.views[0].mlm_input_ids.tolist(),
+            b.views[1].mlm_input_ids.tolist(),
         )
         for b in batches
     ]

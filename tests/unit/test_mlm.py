@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from volta.losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
+from volta.data.masking import IGNORE_INDEX, mask_tokens
+from volta.losses.mlm import mlm_loss
 
 MASK_ID = 50264  # RoBERTa's <mask>, not BERT's 103
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.fixtures_task import VOCAB, make_batch, tiny_config
 from volta.models.factory import build_model
@@ -57,14 +60,11 @@ def test_weight_zero_switches_a_term_off_without_computing_it(
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError(f"{term} computed although its weight is 0")
 
-    target = {"bt": "barlow_twins_loss", "got": "got_loss", "mlm": "IGNORE_INDEX", "itm": "sample_itm_pairs"}[
+    target = {"bt": "barlow_twins_loss", "got": "got_loss", "mlm": "mlm_loss", "itm": "sample_itm_pairs"}[
         term
     ]
-    if term != "mlm":
-        monkeypatch.setattr(task_mod, target, boom)
+    monkeypatch.setattr(task_mod, target, boom)
     task = _task(f"loss.{term}_weight=0")
-    if term == "mlm":
-        monkeypatch.setattr(task, "_mlm", boom)
     out = task(make_batch(tiny_config()))
     assert f"{term}_loss" not in out
     assert torch.isfinite(out["loss"])
@@ -113,11 +113,12 @@ def test_ot_stays_fp32_and_finite_under_bf16_autocast() -> None:
 def test_caption_of_only_specials_is_finite() -> None:
     task = _task()
     batch = make_batch(tiny_config())
-    batch.attention_mask1[0] = 0
-    batch.attention_mask1[0, :2] = 1
-    batch.input_ids1[0, :2] = torch.tensor([0, 2])
-    batch.special_tokens_mask1[0] = True
-    batch.mlm_labels1[0] = -100
+    view = batch.views[0]
+    view.attention_mask[0] = 0
+    view.attention_mask[0, :2] = 1
+    view.input_ids[0, :2] = torch.tensor([0, 2])
+    view.special_tokens_mask[0] = True
+    view.mlm_labels[0] = -100
     out = task(batch)
     assert all(torch.isfinite(out[k]) for k in (*TERMS, "loss"))
     out["loss"].backward()
@@ -138,3 +139,29 @@ def test_got_contrastive_term_is_added_inside_the_got_term() -> None:
     torch.testing.assert_close(b["loss"] - b["got_loss"], a["loss"] - a["got_loss"], rtol=1e-5, atol=1e-4)
     off = _task("loss.got_contrastive_weight=0.5", "loss.got_weight=0")(batch)
     assert "got_nce" not in off and "got_loss" not in off
+
+
+def test_hard_itm_negatives_are_drawn_from_the_projection_similarity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backbones' global features differ in width (debug: 256 vs 64); the BT projections share one space."""
+    import volta.task as task_mod
+
+    task = _task("loss.itm_negatives=hard")
+    assert task.model.image_encoder.out_dim != task.model.text_encoder.width
+    batch = make_batch(tiny_config())
+    seen: list[torch.Tensor] = []
+    real = task_mod.sample_itm_pairs
+
+    def spy(ids: torch.Tensor, **kwargs: Any) -> Any:
+        seen.append(kwargs["similarity"])
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(task_mod, "sample_itm_pairs", spy)
+    out = task(batch)
+    assert torch.isfinite(out["itm_loss"]) and len(seen) == 2
+    for view, similarity in zip(batch.views, seen, strict=True):
+        with torch.no_grad():  # train-mode BatchNorm: the same batch gives the same projections
+            dual = task.model(view.images, view.input_ids, view.attention_mask, fusion=False)
+            proj = task.model.bt_projections(dual)
+        expected = F.normalize(proj.text, dim=-1) @ F.normalize(proj.image, dim=-1).T  # (B, B)
+        assert similarity.shape == (batch.batch_size, batch.batch_size)
+        assert torch.allclose(similarity, expected, atol=1e-5)

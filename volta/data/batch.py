@@ -1,6 +1,6 @@
 """Batches as the task module sees them, and the collate functions that build them from decoded samples.
 
-:class:`VoltaBatch` carries two image views, two tokenised caption views with their MLM corruptions, an image id
+:class:`VoltaBatch` carries two views (an image view, a tokenised caption view and its MLM corruption), an image id
 per sample (a hash of the image bytes, so ITM never uses the same picture as a negative), the sample keys, the
 skip counters of the worker that made it and the data position to resume after it. :class:`EvalBatch` carries
 un-augmented, un-cropped images with the token character offsets grounding evaluation needs.
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from volta.losses.mlm import mask_tokens
+from volta.data.masking import mask_tokens
 
-__all__ = ["EvalBatch", "EvalCollate", "TrainCollate", "VoltaBatch", "image_id", "num_special_ids"]
+__all__ = ["EvalBatch", "EvalCollate", "TrainCollate", "View", "VoltaBatch", "image_id", "num_special_ids"]
 
 _B = TypeVar("_B", bound="_TensorBatch")
 
@@ -39,14 +39,23 @@ def num_special_ids(tokenizer: PreTrainedTokenizerBase) -> int:
     return n
 
 
+def _map_value(value: Any, fn: Any) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, _TensorBatch):
+        return value._map_tensors(fn)
+    if isinstance(value, tuple):
+        return tuple(_map_value(v, fn) for v in value)
+    return value
+
+
 class _TensorBatch:
-    """Device moves and pinning over every tensor field of a dataclass batch; other fields are kept as-is."""
+    """Device moves and pinning over every tensor of a dataclass batch (nested views included); others kept."""
 
     def _map_tensors(self: _B, fn: Any) -> _B:
         changes = {
-            f.name: fn(getattr(self, f.name))
+            f.name: _map_value(getattr(self, f.name), fn)
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
-            if isinstance(getattr(self, f.name), Tensor)
         }
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
@@ -60,21 +69,22 @@ class _TensorBatch:
 
 
 @dataclass
-class VoltaBatch(_TensorBatch):
-    """One training micro-batch: two image views, two caption views (tokenised and MLM-masked) per sample."""
+class View(_TensorBatch):
+    """One augmented view of every sample: an image view and a caption view with its MLM corruption."""
 
-    images1: Tensor  # (B, 3, H, W) float32, ImageNet-normalised
-    images2: Tensor  # (B, 3, H, W)
-    input_ids1: Tensor  # (B, L) int64
-    attention_mask1: Tensor  # (B, L) int64, 1 = real token
-    special_tokens_mask1: Tensor  # (B, L) bool, True = special token or padding
-    input_ids2: Tensor  # (B, L)
-    attention_mask2: Tensor  # (B, L)
-    special_tokens_mask2: Tensor  # (B, L)
-    mlm_input_ids1: Tensor  # (B, L) input_ids1 with 15% of the real tokens corrupted (80/10/10)
-    mlm_labels1: Tensor  # (B, L) original ids at corrupted positions, -100 elsewhere
-    mlm_input_ids2: Tensor  # (B, L)
-    mlm_labels2: Tensor  # (B, L)
+    images: Tensor  # (B, 3, H, W) float32, ImageNet-normalised
+    input_ids: Tensor  # (B, L) int64
+    attention_mask: Tensor  # (B, L) int64, 1 = real token
+    special_tokens_mask: Tensor  # (B, L) bool, True = special token or padding
+    mlm_input_ids: Tensor  # (B, L) input_ids with 15% of the real tokens corrupted (80/10/10)
+    mlm_labels: Tensor  # (B, L) original ids at corrupted positions, -100 elsewhere
+
+
+@dataclass
+class VoltaBatch(_TensorBatch):
+    """One training micro-batch: two views (image, caption, MLM corruption) of every sample."""
+
+    views: tuple[View, View]
     image_ids: Tensor  # (B,) int64 hash of the image bytes
     keys: list[str]
     # Samples skipped by reason in this worker since its previous batch (summed over workers by the trainer).
@@ -85,7 +95,7 @@ class VoltaBatch(_TensorBatch):
     @property
     def batch_size(self) -> int:
         """Number of samples B."""
-        return int(self.images1.shape[0])
+        return int(self.views[0].images.shape[0])
 
 
 @dataclass
@@ -166,27 +176,25 @@ class TrainCollate:
         self, samples: Sequence[dict[str, Any]], stats: dict[str, int], position: dict[str, int]
     ) -> VoltaBatch:
         """Build the batch; ``stats`` and ``position`` are attached unchanged."""
-        t1 = _tokenize(self.tokenizer, [s["caption1"] for s in samples], self.max_length)
-        t2 = _tokenize(self.tokenizer, [s["caption2"] for s in samples], self.max_length)
         seeds = [int(s["mlm_seed"]) for s in samples]
         # The two views get different streams from one per-sample seed (second view: seed + 1, mod 2**63).
-        m1_ids, m1_labels = self._mask(t1["input_ids"], t1["special_tokens_mask"], seeds)
-        m2_ids, m2_labels = self._mask(
-            t2["input_ids"], t2["special_tokens_mask"], [(s + 1) % (1 << 63) for s in seeds]
-        )
+        view_seeds = (seeds, [(s + 1) % (1 << 63) for s in seeds])
+        views = []
+        for v, mlm_seeds in zip((1, 2), view_seeds, strict=True):
+            tok = _tokenize(self.tokenizer, [s[f"caption{v}"] for s in samples], self.max_length)
+            mlm_ids, mlm_labels = self._mask(tok["input_ids"], tok["special_tokens_mask"], mlm_seeds)
+            views.append(
+                View(
+                    images=torch.stack([s[f"image{v}"] for s in samples]),  # (B, 3, H, W)
+                    input_ids=tok["input_ids"],
+                    attention_mask=tok["attention_mask"],
+                    special_tokens_mask=tok["special_tokens_mask"],
+                    mlm_input_ids=mlm_ids,
+                    mlm_labels=mlm_labels,
+                )
+            )
         return VoltaBatch(
-            images1=torch.stack([s["image1"] for s in samples]),  # (B, 3, H, W)
-            images2=torch.stack([s["image2"] for s in samples]),  # (B, 3, H, W)
-            input_ids1=t1["input_ids"],
-            attention_mask1=t1["attention_mask"],
-            special_tokens_mask1=t1["special_tokens_mask"],
-            input_ids2=t2["input_ids"],
-            attention_mask2=t2["attention_mask"],
-            special_tokens_mask2=t2["special_tokens_mask"],
-            mlm_input_ids1=m1_ids,
-            mlm_labels1=m1_labels,
-            mlm_input_ids2=m2_ids,
-            mlm_labels2=m2_labels,
+            views=(views[0], views[1]),
             image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.int64),  # (B,)
             keys=[s["key"] for s in samples],
             stats=dict(stats),

@@ -1,65 +1,40 @@
-"""Masked language modelling: RoBERTa-correct masking (80/10/10 with the tokenizer's own mask id) and its loss.
+"""Masked language modelling loss: cross-entropy over the corrupted positions of the global batch.
 
-The authors' code wrote BERT's ``[MASK]`` id 103 into RoBERTa inputs and had no 80/10/10 split (VOLTA.md 4.1);
-here the mask id comes from the tokenizer, special and padding positions are never selected, and the random
-replacements are drawn from the non-special vocabulary.
+The corruption (80/10/10 with the tokenizer's own mask id) is made by the data pipeline,
+:func:`volta.data.masking.mask_tokens`, whose labels are the original ids at the selected positions and
+``-100`` (PyTorch's ignore index) elsewhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
 
-
-def mask_tokens(
-    input_ids: Tensor,
-    special_tokens_mask: Tensor,
+def mlm_loss(
+    logits: Tensor,
+    labels: Tensor,
     *,
-    mask_token_id: int,
-    vocab_size: int,
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-    num_special_ids: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Select ``probability`` of the maskable positions and corrupt them BERT-style, returning (inputs, labels).
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean cross-entropy over the selected positions (``labels != ignore_index``); zero when none are selected.
 
-    ``special_tokens_mask`` (bool, True = never select) must cover special tokens AND padding. Of the selected
-    positions 80% become ``mask_token_id``, 10% a random token id in ``[num_special_ids, vocab_size)`` and 10% keep
-    their token. ``labels`` hold the original ids at selected positions and ``IGNORE_INDEX`` elsewhere. When a row
-    has maskable positions but none was drawn, one of them is selected so every caption contributes to the loss.
+    ``logits (..., V)`` and ``labels (...)``. With ``all_reduce`` (a sum over ranks) the mean is over the selected
+    positions of the whole global batch and each rank returns its share, so that the mean over ranks of the
+    returned values is the global mean (the task's distributed rule). Computed in fp32 so bf16 logits over a
+    50k vocabulary do not lose the loss's precision.
     """
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability must be in (0, 1), got {probability}")
-    ids = input_ids.clone()  # (B, L)
-    maskable = ~special_tokens_mask.bool()  # (B, L)
-    draw = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
-    selected = (draw < probability) & maskable
-    # Rows with maskable tokens but no selection: force the maskable position with the smallest draw.
-    empty = maskable.any(dim=1) & ~selected.any(dim=1)  # (B,)
-    if bool(empty.any()):
-        masked_draw = draw.masked_fill(~maskable, 2.0)
-        forced = F.one_hot(masked_draw.argmin(dim=1), ids.shape[1]).bool() & empty[:, None]
-        selected |= forced
-    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    split = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L)
-    to_mask = selected & (split < 0.8)
-    to_random = selected & (split >= 0.8) & (split < 0.9)
-    random_ids = torch.randint(num_special_ids, vocab_size, ids.shape, generator=generator, device=ids.device)
-    ids = torch.where(to_mask, torch.full_like(ids, mask_token_id), ids)
-    ids = torch.where(to_random, random_ids, ids)
-    return ids, labels
-
-
-def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the selected positions (``labels != IGNORE_INDEX``); zero when none are selected.
-
-    Computed in fp32 so bf16 logits over a 50k vocabulary do not lose the loss's precision.
-    """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*L, V)
-    flat_labels = labels.reshape(-1)  # (B*L,)
-    if not bool((flat_labels != IGNORE_INDEX).any()):
-        return flat_logits.sum() * 0.0
-    return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
+    flat_labels = labels.reshape(-1)  # (N,)
+    ce_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    local = (flat_labels != ignore_index).sum().to(ce_sum.dtype)
+    counts = torch.stack([local, torch.ones_like(local)])  # (selected positions, ranks)
+    if all_reduce is not None:
+        counts = all_reduce(counts).detach()
+    if counts[0] == 0:
+        return ce_sum * 0.0
+    return ce_sum * counts[1] / counts[0]
