@@ -159,8 +159,9 @@ def _task_steps(
     peak_tflops: float | None,
     vocab_size: int | None,
 ) -> dict[str, Any]:
-    from bench.workload import build_bench_task, random_batch, recipe_vocab_size
+    from bench.workload import random_batch, recipe_vocab_size
     from volta.config import load_config
+    from volta.task import build_task
     from volta.training.engine import TorchEngine
     from volta.training.loop import seed_step
     from volta.training.schedule import build_optimizer
@@ -168,7 +169,7 @@ def _task_steps(
     config = load_config(config_path, overrides)
     vocab = vocab_size or recipe_vocab_size(config)
     torch.manual_seed(config.train.seed)
-    task = build_bench_task(config, vocab).to(device)
+    task = build_task(config, vocab).to(device)
     optimizer = build_optimizer(task, config.optim, global_batch_size=config.train.global_batch_size)
     engine = TorchEngine(task, optimizer, precision=config.train.precision, device=device)
     batches = [random_batch(config, batch_size, vocab, seed=i).to(device) for i in range(2)]

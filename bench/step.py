@@ -91,8 +91,9 @@ def measure_variant(
     """
     import torch
 
-    from bench.workload import build_bench_task, random_batch, recipe_vocab_size
+    from bench.workload import random_batch, recipe_vocab_size
     from volta.config import load_config
+    from volta.task import build_task
     from volta.training.engine import TorchEngine
     from volta.training.loop import seed_step
     from volta.training.schedule import build_optimizer
@@ -102,7 +103,7 @@ def measure_variant(
     vocab = vocab_size or recipe_vocab_size(config)
     batch = batch_size or config.train.micro_batch_size
     torch.manual_seed(config.train.seed)
-    task = build_bench_task(config, vocab)
+    task = build_task(config, vocab)
     optimizer = build_optimizer(task, config.optim, global_batch_size=batch)
     engine = TorchEngine(task, optimizer, precision=config.train.precision)
     batches = [random_batch(config, batch, vocab, seed=i) for i in range(2)]

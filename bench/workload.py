@@ -13,7 +13,6 @@ import torch
 from volta.config import VoltaConfig
 from volta.data.batch import View, VoltaBatch
 from volta.data.masking import mask_tokens
-from volta.task import AllReduce, VoLTATask
 
 # RoBERTa's special ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> at the end of the vocabulary (volta's BPE
 # tokenizers put it at 4; only the id's value differs, never the cost).
@@ -39,25 +38,6 @@ def recipe_vocab_size(config: VoltaConfig) -> int:
     from volta.models.factory import text_config_for
 
     return int(text_config_for(config.model).vocab_size)
-
-
-def build_bench_task(
-    config: VoltaConfig, vocab_size: int, *, all_reduce: AllReduce | None = None
-) -> VoLTATask:
-    """The task of ``config`` with random weights, checkpointing as configured.
-
-    Mirrors :func:`volta.task.build_task` with a vocabulary size instead of a tokenizer object; ``all_reduce`` is
-    the differentiable sum over ranks when the task runs in a process group (None in one process).
-    """
-    from volta.models.factory import build_model
-
-    model = build_model(config.model, vocab_size=vocab_size)
-    model.set_grad_checkpointing(
-        image=config.model.image.grad_checkpointing, text=config.model.text.grad_checkpointing
-    )
-    return VoLTATask(
-        model, config.loss, share_prefix=config.model.share_unimodal_prefix, all_reduce=all_reduce
-    )
 
 
 def _captions(gen: torch.Generator, batch: int, length: int, vocab_size: int) -> tuple[torch.Tensor, ...]:

@@ -102,15 +102,16 @@ def _rank_main(
     try:
         import deepspeed
 
-        from bench.workload import build_bench_task, random_batch
+        from bench.workload import random_batch
         from orchestration.deepspeed_engine import build_deepspeed_config
         from volta.config import load_config
-        from volta.losses.barlow_twins import differentiable_all_reduce_sum
+        from volta.dist import differentiable_all_reduce_sum
+        from volta.task import build_task
         from volta.training.schedule import build_optimizer
 
         config = load_config(config_path, [*overrides, f"ray.num_workers={world}"])
         torch.manual_seed(config.train.seed)
-        task = build_bench_task(config, vocab_size, all_reduce=differentiable_all_reduce_sum)
+        task = build_task(config, vocab_size, all_reduce=differentiable_all_reduce_sum)
         params = sum(p.numel() for p in task.parameters() if p.requires_grad)
         optimizer = build_optimizer(
             task,

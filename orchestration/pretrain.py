@@ -19,6 +19,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from orchestration.cluster import connect_ray, usage_exit
 from volta.config import ConfigError, VoltaConfig, load_config, resolve_local_paths
 
 log = logging.getLogger("volta.pretrain")
@@ -149,23 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve_local_paths(load_config(args.config, args.overrides))
         preflight(config)
-    except ConfigError as err:
-        print(f"volta-pretrain: config error: {err}", file=sys.stderr)
-        return 2
-    except PreflightError as err:
-        print(f"volta-pretrain: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, PreflightError) as err:
+        return usage_exit("volta-pretrain", err)
     if args.check:
         print(f"volta-pretrain: {args.config}: config valid, storage and shards reachable", file=sys.stderr)
         return 0
-    import ray
-
-    if not ray.is_initialized():
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:  # `ray job submit` sets RAY_ADDRESS; connect to that cluster
-            ray.init(address=address, log_to_driver=True)
-        else:  # a local cluster for this run only, without a dashboard
-            ray.init(include_dashboard=False, log_to_driver=True)
+    connect_ray(config.ray.address, dashboard=False)
     try:
         result = build_trainer(config).fit()
     except Exception as err:

@@ -12,11 +12,9 @@ a JSON summary is printed; with ``tracking.uri`` set the trials are grouped unde
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,14 +27,24 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestration.cluster import connect_ray, usage_exit
 from orchestration.pretrain import PreflightError, build_trainer, preflight, storage_target
+from orchestration.sweep_space import (
+    SweepError,
+    apply_values,
+    best_recipe,
+    plain_value,
+    search_space,
+    trial_config,
+    trial_run_name,
+    trial_storage_path,
+    validate_sweep,
+    write_best_recipe,
+)
+from orchestration.tracking import record_sweep
 from volta.config import (
     ConfigError,
-    SearchDim,
-    SweepConfig,
     VoltaConfig,
-    config_from_dict,
-    dump_config,
     load_config,
     resolve_local_paths,
     total_steps,
@@ -52,11 +60,9 @@ __all__ = [
     "best_recipe",
     "build_tuner",
     "cli",
-    "init_local_ray",
     "main",
     "max_concurrent_trials",
     "per_trial_resources",
-    "record_sweep",
     "run_trial",
     "search_space",
     "summarize",
@@ -71,150 +77,6 @@ __all__ = [
 # What the trial's own function holds: no CPU (its Train workers request their own, so trials pack exactly
 # by worker demand even on a 2-core machine) but a non-empty bundle, which Tune requires.
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0.0, "memory": float(256 * 2**20)}
-# A trial id that stands in for real ones when checking that every trial's recipe will validate.
-_PROBE_TRIAL_ID = "00000000_00000"
-# Largest grid over an integer range; beyond it a grid is almost certainly a typo.
-_MAX_INT_GRID = 1000
-
-
-class SweepError(Exception):
-    """A sweep recipe problem a user can fix: one line naming the field, exit status 2."""
-
-
-# ------------------------------------------------------------------------------------------- search space
-def _int_bounds(where: str, dim: SearchDim) -> tuple[int, int]:
-    assert dim.low is not None and dim.high is not None  # guaranteed by SearchDim validation
-    if not (float(dim.low).is_integer() and float(dim.high).is_integer()):
-        raise SweepError(f"{where}: type 'int' needs whole-number low/high, got {dim.low}..{dim.high}")
-    return int(dim.low), int(dim.high)
-
-
-def _domain(path: str, dim: SearchDim, algorithm: str) -> Any:
-    where = f"sweep.space.{path}"
-    grid = algorithm == "grid"
-    if dim.type == "int":
-        low, high = _int_bounds(where, dim)
-        if grid:
-            if high - low + 1 > _MAX_INT_GRID:
-                raise SweepError(f"{where}: a grid over {high - low + 1} integers (max {_MAX_INT_GRID})")
-            return tune.grid_search(list(range(low, high + 1)))
-        return tune.randint(low, high + 1)  # Tune's upper bound is exclusive, the recipe's inclusive
-    if dim.type == "choice":
-        values = list(dim.values or [])
-        if algorithm == "optuna" and not all(isinstance(v, (bool, int, float, str)) for v in values):
-            raise SweepError(f"{where}: Optuna choices must be numbers, strings or booleans, got {values}")
-        return tune.grid_search(values) if grid else tune.choice(values)
-    if grid:
-        raise SweepError(
-            f"{where}: a continuous '{dim.type}' dimension cannot be gridded; "
-            "use type 'choice' with values, type 'int', or sweep.algorithm optuna/random"
-        )
-    assert dim.low is not None and dim.high is not None
-    if dim.type == "loguniform":
-        return tune.loguniform(dim.low, dim.high)
-    return tune.uniform(dim.low, dim.high)
-
-
-def search_space(sweep: SweepConfig) -> dict[str, Any]:
-    """Tune's param space for ``sweep.space``: one domain per dotted field (grid_search lists for ``grid``).
-
-    ``uniform``/``loguniform`` map to continuous domains, ``int`` to integers with an inclusive ``high``,
-    ``choice`` to a categorical; ``grid`` accepts only ``choice`` and ``int`` dimensions. Raises SweepError.
-    """
-    if not sweep.space:
-        raise SweepError(
-            "sweep.space: empty; add at least one dimension (dotted field: {type, low, high|values})"
-        )
-    return {path: _domain(path, dim, sweep.algorithm) for path, dim in sweep.space.items()}
-
-
-def _corner_values(dim: SearchDim) -> list[Any]:
-    if dim.type == "choice":
-        return list(dim.values or [])
-    assert dim.low is not None and dim.high is not None
-    if dim.type == "int":
-        return [int(dim.low), int(dim.high)]
-    return [dim.low, dim.high]
-
-
-def validate_sweep(config: VoltaConfig, steps: int | None = None) -> None:
-    """Check a sweep recipe before any Ray work: the space translates, every dimension's extreme values give a
-    valid recipe, the metric will be reported, and ``sweep.grace_period`` fits the run length ``steps``.
-
-    Raises SweepError with one line naming the field.
-    """
-    sweep = config.sweep
-    search_space(sweep)
-    if sweep.metric.startswith("val/") and config.train.val_every is None:
-        raise SweepError(
-            f"sweep.metric: {sweep.metric!r} is a validation metric but train.val_every is not set"
-        )
-    if steps is not None and sweep.grace_period > steps:
-        raise SweepError(
-            f"sweep.grace_period: {sweep.grace_period} steps is longer than the run ({steps} steps)"
-        )
-    base = config.model_dump(mode="json")
-    for path, dim in sweep.space.items():
-        for value in _corner_values(dim):
-            try:
-                trial_config(base, {path: value}, _PROBE_TRIAL_ID)
-            except ConfigError as err:
-                raise SweepError(
-                    f"sweep.space.{path}: value {value!r} gives an invalid recipe: {err}"
-                ) from None
-
-
-# ----------------------------------------------------------------------------------------------- trials
-def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    """The ``ray.run_name`` (and Tune trial name) of a trial: stable across driver restarts, never a timestamp."""
-    return f"{sweep_name}-{trial_id}"
-
-
-def trial_storage_path(storage_path: str, sweep_name: str) -> str:
-    """Where a trial's Train runs keep their checkpoints: ``<storage.path>/<sweep.name>/runs`` (local or s3://)."""
-    return f"{storage_path.rstrip('/')}/{sweep_name}/runs"
-
-
-def _plain(value: Any) -> Any:
-    """Numpy scalars (Tune samples them) as plain Python values, so validation and YAML see ints and floats."""
-    item = getattr(value, "item", None)
-    return item() if callable(item) and not isinstance(value, (list, dict, str)) else value
-
-
-def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of the recipe mapping ``base`` with each dotted field of ``values`` set (types kept)."""
-    data = copy.deepcopy(dict(base))
-    for dotted, value in values.items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = _plain(value)
-    return data
-
-
-def trial_config(base: Mapping[str, Any], values: Mapping[str, Any], trial_id: str) -> VoltaConfig:
-    """The validated recipe of one trial: ``base`` with the sampled ``values``, its run named after the trial id,
-    its checkpoints under the sweep's storage prefix and its tracker run tagged with the sweep and trial id.
-    """
-    data = apply_values(base, values)
-    sweep = data.get("sweep") or {}
-    name = str(sweep.get("name", SweepConfig().name))
-    data.setdefault("ray", {})["run_name"] = trial_run_name(name, trial_id)
-    storage = data.setdefault("storage", {})
-    storage["path"] = trial_storage_path(str(storage.get("path", "runs/ray")), name)
-    tracking = data.setdefault("tracking", {})
-    tracking["tags"] = {
-        **(tracking.get("tags") or {}),
-        "volta.sweep": name,
-        "volta.trial_id": trial_id,
-        "volta.sweep_dims": ",".join(sorted((sweep.get("space") or {}).keys())),
-    }
-    return config_from_dict(data)
 
 
 class SweepReportCallback(TuneReportCallback):  # type: ignore[misc]
@@ -261,7 +123,7 @@ def run_trial(
     """
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base, values, trial_id)
-    log.info("trial %s: %s", config.ray.run_name, json.dumps({k: _plain(v) for k, v in values.items()}))
+    log.info("trial %s: %s", config.ray.run_name, json.dumps({k: plain_value(v) for k, v in values.items()}))
     trainer = _with_callbacks(build(config), [SweepReportCallback(config.sweep.metric)])
     trainer.fit()
 
@@ -432,7 +294,7 @@ def summarize(config: VoltaConfig, results: Any, steps: int) -> dict[str, Any]:
                 "status": status,
                 "step": int(step) if step is not None else None,
                 "metric": float(value) if isinstance(value, (int, float)) else None,
-                "values": {k: _plain(v) for k, v in (result.config or {}).items()},
+                "values": {k: plain_value(v) for k, v in (result.config or {}).items()},
                 "checkpoint": metrics.get("checkpoint_path"),
                 "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}",
             }
@@ -452,139 +314,6 @@ def summarize(config: VoltaConfig, results: Any, steps: int) -> dict[str, Any]:
         "counts": {s: sum(t["status"] == s for t in trials) for s in ("finished", "early_stopped", "error")},
         "best": best,
     }
-
-
-def best_recipe(base: Mapping[str, Any], values: Mapping[str, Any]) -> VoltaConfig:
-    """The ready-to-run pre-training recipe of the best trial: ``base`` with its values applied, the ``sweep``
-    section reset to defaults and ``ray.run_name`` set to ``<sweep.name>-best`` (a fresh run, not a trial's).
-    """
-    data = apply_values(base, values)
-    name = str((data.get("sweep") or {}).get("name", SweepConfig().name))
-    data["sweep"] = SweepConfig().model_dump(mode="json")
-    data.setdefault("ray", {})["run_name"] = f"{name}-best"
-    return config_from_dict(data)
-
-
-def write_best_recipe(config: VoltaConfig, path: str | Path) -> Path:
-    """Write ``config`` as YAML to ``path`` and check that it loads back as a valid recipe; return the path."""
-    out = Path(path)
-    dump_config(config, out)
-    load_config(out)  # raises ConfigError if the written recipe would not run
-    return out
-
-
-def _find_run(client: Any, exp_id: str, filter_string: str) -> Any:
-    found = client.search_runs([exp_id], filter_string=filter_string, max_results=1)
-    return found[0] if found else None
-
-
-def record_sweep(config: VoltaConfig, summary: Mapping[str, Any], recipe: Path | None) -> str | None:
-    """Group the sweep in MLflow (when ``tracking.uri`` is set): a parent run named after the sweep with the best
-    result and the best recipe, each trial's run nested under it with its status, the objective and a terminal
-    state (ASHA kills stopped trials before their tracker can finish). Returns the parent run id.
-    """
-    if not config.tracking.uri:
-        return None
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=config.tracking.uri)
-    exp = client.get_experiment_by_name(config.tracking.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(config.tracking.experiment)
-    name = config.sweep.name
-    parent = _find_run(
-        client, exp_id, f"tags.`volta.sweep` = '{name}' and tags.`volta.sweep_role` = 'parent'"
-    )
-    if parent is None:
-        tags = {
-            "volta.sweep": name,
-            "volta.sweep_role": "parent",
-            "mlflow.runName": name,
-            **config.tracking.tags,
-        }
-        parent_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
-    else:
-        parent_id = parent.info.run_id
-    now = int(time.time() * 1000)
-    sweep_tags = {
-        "volta.sweep.metric": config.sweep.metric,
-        "volta.sweep.mode": config.sweep.mode,
-        "volta.sweep.algorithm": config.sweep.algorithm,
-        "volta.sweep.space": json.dumps(config.sweep.model_dump(mode="json")["space"])[:5000],
-    }
-    for key, value in sweep_tags.items():
-        client.set_tag(parent_id, key, value)
-    best = summary.get("best")
-    if best is not None:
-        client.set_tag(parent_id, "volta.best_run_name", best["run_name"])
-        client.set_tag(parent_id, "volta.best_values", json.dumps(best["values"])[:5000])
-        items = [Metric(f"best/{config.sweep.metric}", float(best["metric"]), now, 0)]
-        items += [
-            Metric(f"best/{k}", float(v), now, 0)
-            for k, v in best["values"].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        client.log_batch(parent_id, metrics=items)
-    for key, count in summary.get("counts", {}).items():
-        client.log_batch(parent_id, metrics=[Metric(f"trials/{key}", float(count), now, 0)])
-    for trial in summary.get("trials", []):
-        run = _find_run(client, exp_id, f"tags.`volta.run_name` = '{trial['run_name']}'")
-        if run is None:
-            log.warning("trial %s has no MLflow run (did its worker start?)", trial["run_name"])
-            continue
-        run_id = run.info.run_id
-        client.set_tag(run_id, "mlflow.parentRunId", parent_id)  # nests the trial under the sweep in the UI
-        client.set_tag(run_id, "volta.trial_status", trial["status"])
-        if trial["metric"] is not None:
-            client.log_batch(
-                run_id, metrics=[Metric("sweep/objective", float(trial["metric"]), now, trial["step"] or 0)]
-            )
-        if run.info.status == "RUNNING":
-            client.set_terminated(run_id, status="FAILED" if trial["status"] == "error" else "KILLED")
-    if recipe is not None and recipe.is_file():
-        try:
-            client.log_artifact(parent_id, str(recipe))
-        except Exception as err:  # an artifact store problem must not hide the sweep's result
-            log.warning("could not upload %s to the tracking server: %s", recipe, err)
-    client.set_terminated(parent_id, status="FINISHED")
-    return str(parent_id)
-
-
-# ------------------------------------------------------------------------------------------- local Ray
-def init_local_ray(num_cpus: int | None = None) -> str:
-    """Start a local Ray cluster for a sweep (dashboard on 127.0.0.1) and return its GCS address.
-
-    Ray Train frees an early-stopped trial's workers through the State API, which its actors find by address
-    ("auto"); with several Ray clusters on one machine that lookup fails and the workers' CPUs leak. So the GCS
-    port is chosen up front and every actor of the job gets ``RAY_ADDRESS`` pointing at this cluster.
-    """
-    import socket
-
-    import ray
-    from ray.util import get_node_ip_address
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    address = f"{get_node_ip_address()}:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-    actual = str(ray.get_runtime_context().gcs_address)
-    if actual != address:
-        log.warning("local Ray came up at %s, not %s; early-stopped trials may hold CPUs", actual, address)
-    return actual
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -622,23 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         recipe, config, steps = _validated(args)
-    except (ConfigError, SweepError) as err:
-        print(f"volta-sweep: config error: {err}", file=sys.stderr)
-        return 2
-    except PreflightError as err:
-        print(f"volta-sweep: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, PreflightError) as err:
+        return usage_exit("volta-sweep", err)
     if args.check:
         print(f"volta-sweep: {args.config}: sweep valid, storage and shards reachable", file=sys.stderr)
         return 0
     import ray
 
-    if not ray.is_initialized():
-        if config.ray.address:
-            ray.init(address=config.ray.address)
-        else:
-            # The dashboard serves the State API that Ray Train uses to free early-stopped trials' workers.
-            init_local_ray()
+    # The dashboard serves the State API that Ray Train uses to free early-stopped trials' workers.
+    connect_ray(config.ray.address, dashboard=True)
     started = time.monotonic()
     try:
         if config.tracking.uri:

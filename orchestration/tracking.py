@@ -6,8 +6,12 @@ logging into the MLflow run it started, found by its ``volta.run_name`` tag.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from volta.config import VoltaConfig
@@ -115,3 +119,79 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run finished."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _find_run(client: Any, exp_id: str, filter_string: str) -> Any:
+    found = client.search_runs([exp_id], filter_string=filter_string, max_results=1)
+    return found[0] if found else None
+
+
+def record_sweep(config: VoltaConfig, summary: Mapping[str, Any], recipe: Path | None) -> str | None:
+    """Group the sweep in MLflow (when ``tracking.uri`` is set): a parent run named after the sweep with the best
+    result and the best recipe, each trial's run nested under it with its status, the objective and a terminal
+    state (ASHA kills stopped trials before their tracker can finish). Returns the parent run id.
+    """
+    if not config.tracking.uri:
+        return None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking.uri)
+    exp_id = _experiment_id(client, config.tracking.experiment)
+    name = config.sweep.name
+    parent = _find_run(
+        client, exp_id, f"tags.`volta.sweep` = '{name}' and tags.`volta.sweep_role` = 'parent'"
+    )
+    if parent is None:
+        tags = {
+            "volta.sweep": name,
+            "volta.sweep_role": "parent",
+            "mlflow.runName": name,
+            **config.tracking.tags,
+        }
+        parent_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+    else:
+        parent_id = parent.info.run_id
+    now = int(time.time() * 1000)
+    sweep_tags = {
+        "volta.sweep.metric": config.sweep.metric,
+        "volta.sweep.mode": config.sweep.mode,
+        "volta.sweep.algorithm": config.sweep.algorithm,
+        "volta.sweep.space": json.dumps(config.sweep.model_dump(mode="json")["space"])[:5000],
+    }
+    for key, value in sweep_tags.items():
+        client.set_tag(parent_id, key, value)
+    best = summary.get("best")
+    if best is not None:
+        client.set_tag(parent_id, "volta.best_run_name", best["run_name"])
+        client.set_tag(parent_id, "volta.best_values", json.dumps(best["values"])[:5000])
+        items = [Metric(f"best/{config.sweep.metric}", float(best["metric"]), now, 0)]
+        items += [
+            Metric(f"best/{k}", float(v), now, 0)
+            for k, v in best["values"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        client.log_batch(parent_id, metrics=items)
+    for key, count in summary.get("counts", {}).items():
+        client.log_batch(parent_id, metrics=[Metric(f"trials/{key}", float(count), now, 0)])
+    for trial in summary.get("trials", []):
+        run = _find_run(client, exp_id, f"tags.`volta.run_name` = '{trial['run_name']}'")
+        if run is None:
+            log.warning("trial %s has no MLflow run (did its worker start?)", trial["run_name"])
+            continue
+        run_id = run.info.run_id
+        client.set_tag(run_id, "mlflow.parentRunId", parent_id)  # nests the trial under the sweep in the UI
+        client.set_tag(run_id, "volta.trial_status", trial["status"])
+        if trial["metric"] is not None:
+            client.log_batch(
+                run_id, metrics=[Metric("sweep/objective", float(trial["metric"]), now, trial["step"] or 0)]
+            )
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED" if trial["status"] == "error" else "KILLED")
+    if recipe is not None and recipe.is_file():
+        try:
+            client.log_artifact(parent_id, str(recipe))
+        except Exception as err:  # an artifact store problem must not hide the sweep's result
+            log.warning("could not upload %s to the tracking server: %s", recipe, err)
+    client.set_terminated(parent_id, status="FINISHED")
+    return str(parent_id)

@@ -12,7 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from volta.commands import add_config_arguments
 from volta.config import ConfigError, dump_config, load_config
+from volta.errors import UsageError
 
 log = logging.getLogger("volta")
 
@@ -24,40 +26,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "volta.dashboard",
     "volta.eval.cli",
     "volta.training.report",
+    "volta.training.local",
 )
-
-
-class UsageError(Exception):
-    """A user-fixable problem (missing file, bad argument): printed as one line, exit status 2."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
-    """Add the shared ``--config RECIPE`` and repeated ``--set dotted.key=value`` options."""
-    parser.add_argument("--config", "-c", required=required, help="recipe YAML (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field by dotted path, e.g. --set model.fusion_depth=4 (repeatable)",
-    )
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

@@ -561,6 +561,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_dotted(data: dict[str, Any], dotted: str | Sequence[str], value: Any) -> None:
+    """Set ``a.b.c = value`` in a nested dict in place, creating the dicts on the way (overrides and sweeps)."""
+    parts = dotted.split(".") if isinstance(dotted, str) else list(dotted)
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars/lists) to a nested dict in place.
 
@@ -570,14 +583,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     for item in overrides:
         parts, value = _parse_override(item)
         if parts[:2] == ["sweep", "space"] or _has_path(schema, parts) or _under_free_dict(parts):
-            node = data
-            for part in parts[:-1]:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = {}
-                    node[part] = child
-                node = child
-            node[parts[-1]] = value
+            set_dotted(data, parts, value)
         else:
             raise ConfigError(f"{'.'.join(parts)}: unknown key (not a volta config field)")
     return data

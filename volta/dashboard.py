@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from volta.cli import UsageError
+from volta.errors import UsageError
 
 log = logging.getLogger(__name__)
 

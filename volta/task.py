@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from volta.config import LossConfig, VoltaConfig
 from volta.data.batch import View, VoltaBatch
 from volta.data.masking import IGNORE_INDEX
+from volta.dist import AllReduce
 from volta.losses.barlow_twins import barlow_twins_loss
 from volta.losses.got import got_contrastive_loss, got_loss
 from volta.losses.itm import itm_loss, sample_itm_pairs
@@ -41,7 +42,6 @@ from volta.models.volta_model import (
     VoLTAOutputs,
 )
 
-AllReduce = Callable[[Tensor], Tensor]
 Terms = dict[str, Tensor]
 
 
@@ -229,11 +229,13 @@ class VoLTATask(nn.Module):
         }
 
 
-def build_task(config: VoltaConfig, tokenizer: Any, *, all_reduce: AllReduce | None = None) -> VoLTATask:
-    """The task for a config: model sized to the tokenizer's vocabulary, gradient checkpointing as configured."""
+def build_task(config: VoltaConfig, vocab_size: int, *, all_reduce: AllReduce | None = None) -> VoLTATask:
+    """The task for a config with random weights: the MLM head sized to ``vocab_size`` (the tokenizer's length),
+    gradient checkpointing as configured; ``all_reduce`` is the differentiable sum over ranks (None in one
+    process)."""
     from volta.models.factory import build_model
 
-    model = build_model(config.model, vocab_size=len(tokenizer))
+    model = build_model(config.model, vocab_size=vocab_size)
     model.set_grad_checkpointing(
         image=config.model.image.grad_checkpointing, text=config.model.text.grad_checkpointing
     )

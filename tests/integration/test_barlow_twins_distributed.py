@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from volta.losses.barlow_twins import barlow_twins_loss, differentiable_all_reduce_sum
+from volta.dist import differentiable_all_reduce_sum
+from volta.losses.barlow_twins import barlow_twins_loss
 
 BATCH, DIM_IN, DIM = 8, 5, 6
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from orchestration import sweep as sw
+from orchestration.cluster import init_local_ray
 from tests.conftest import REPO
 from volta.config import load_config
 
@@ -45,7 +46,7 @@ def ray_cluster() -> Iterator[None]:
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # More logical CPUs than the 2 physical cores: several 1-CPU trials side by side, as on a small cluster.
-    sw.init_local_ray(num_cpus=4)
+    init_local_ray(num_cpus=4)
     yield
     ray.shutdown()
 

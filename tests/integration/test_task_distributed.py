@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.fixtures_task import VOCAB, batch_double, batch_rows, make_batch, tiny_config
-from volta.losses.barlow_twins import differentiable_all_reduce_sum
+from volta.dist import differentiable_all_reduce_sum
 from volta.models.factory import build_model
 from volta.task import VoLTATask
 

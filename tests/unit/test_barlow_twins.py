@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from volta.losses.barlow_twins import barlow_twins_loss, differentiable_all_reduce_sum
+from volta.dist import differentiable_all_reduce_sum
+from volta.losses.barlow_twins import barlow_twins_loss
 
 
 def _naive(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> float:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from bench import step
-from bench.workload import build_bench_task, random_batch
+from bench.workload import random_batch
 from tests.fixtures_task import tiny_config
+from volta.task import build_task
 
 VOCAB = 300
 
@@ -25,7 +26,7 @@ def test_random_batch_is_shaped_for_the_recipe_and_trains() -> None:
     assert bool((first.mlm_labels != -100).any())  # something to predict
     assert torch.equal(random_batch(cfg, 3, VOCAB, seed=1).views[0].images, first.images)  # seeded
     torch.manual_seed(0)
-    out = build_bench_task(cfg, VOCAB)(batch)
+    out = build_task(cfg, VOCAB)(batch)
     assert {"bt_loss", "got_loss", "mlm_loss", "itm_loss", "loss"} <= set(out)
     assert all(math.isfinite(float(v)) for v in out.values())
 

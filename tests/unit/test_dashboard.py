@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from volta import dashboard
-from volta.cli import UsageError, build_parser
+from volta.cli import build_parser
+from volta.errors import UsageError
 
 
 def test_defaults_bind_loopback_with_a_sqlite_store() -> None:

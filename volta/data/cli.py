@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from volta.cli import UsageError, non_negative_int, positive_int
+from volta.commands import non_negative_int, positive_int
+from volta.errors import UsageError
 
 
 @contextmanager

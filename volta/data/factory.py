@@ -184,3 +184,29 @@ def build_eval_loader(
         endpoint_url=endpoint_url,
         region=region,
     )
+
+
+def build_config_eval_loader(
+    config: VoltaConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    shards: str | Sequence[str],
+    *,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+) -> Iterable[EvalBatch]:
+    """:func:`build_eval_loader` with everything else from the config: image size, caption length, storage, limits.
+
+    The one way validation, heat maps and the evaluation CLI read evaluation shards (``batch_size`` defaults to
+    ``eval.batch_size``).
+    """
+    return build_eval_loader(
+        shards,
+        tokenizer,
+        image_size=config.model.image.img_size,
+        max_length=config.model.text.max_length,
+        batch_size=batch_size or config.eval.batch_size,
+        max_samples=max_samples,
+        endpoint_url=config.storage.endpoint_url,
+        region=config.storage.region,
+        max_image_pixels=config.data.max_image_pixels,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from volta.cli import UsageError
+from volta.errors import UsageError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

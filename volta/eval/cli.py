@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from volta.cli import UsageError, positive_int
+from volta.commands import positive_int
+from volta.errors import UsageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -240,7 +241,7 @@ def _safe_name(key: str) -> str:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from volta.data.factory import build_eval_loader
+    from volta.data.factory import build_config_eval_loader
     from volta.eval.heatmap import batch_heatmap_rows, draw_heatmap_grid, render_heatmaps
 
     if (args.image is None) == (args.shards is None):
@@ -260,16 +261,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         path = render_heatmaps(model, cfg, tokenizer, [picture], [args.caption], out, device=device)
         files = [str(path)]
     else:
-        loader = build_eval_loader(
-            args.shards,
-            tokenizer,
-            image_size=cfg.model.image.img_size,
-            max_length=cfg.model.text.max_length,
-            batch_size=min(args.num, cfg.eval.batch_size),
-            max_samples=args.num,
-            endpoint_url=cfg.storage.endpoint_url,
-            region=cfg.storage.region,
-            max_image_pixels=cfg.data.max_image_pixels,
+        loader = build_config_eval_loader(
+            cfg, tokenizer, args.shards, batch_size=min(args.num, cfg.eval.batch_size), max_samples=args.num
         )
         out.mkdir(parents=True, exist_ok=True)
         files = []
@@ -292,7 +285,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- parser
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    from volta.cli import add_config_arguments
+    from volta.commands import add_config_arguments
 
     p.add_argument(
         "--checkpoint", required=True, help="folder written by save_volta_checkpoint (or a file in it)"

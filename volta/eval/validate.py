@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from volta.config import VoltaConfig
 from volta.data.batch import EvalBatch
-from volta.data.factory import build_eval_loader
+from volta.data.factory import build_config_eval_loader
 from volta.eval.features import EvalFeatures, extract_features
 from volta.eval.grounding import GroundingTally, ground_batch
 from volta.eval.retrieval import evaluate_retrieval
@@ -50,17 +50,7 @@ def evaluate_pass(
     """Read ``shards`` once (at most ``max_samples``, batches of ``batch_size`` or ``eval.batch_size``) and
     collect the global features of every sample and, when ``grounding``, the pointing-game outcome of every
     groundable phrase. Raises ``FileNotFoundError`` for missing shards and ``ValueError`` for an empty set."""
-    loader = build_eval_loader(
-        shards,
-        tokenizer,
-        image_size=cfg.model.image.img_size,
-        max_length=cfg.model.text.max_length,
-        batch_size=batch_size or cfg.eval.batch_size,
-        max_samples=max_samples,
-        endpoint_url=cfg.storage.endpoint_url,
-        region=cfg.storage.region,
-        max_image_pixels=cfg.data.max_image_pixels,
-    )
+    loader = build_config_eval_loader(cfg, tokenizer, shards, batch_size=batch_size, max_samples=max_samples)
     tally = GroundingTally()
 
     def on_batch(batch: EvalBatch, outputs: VoLTAOutputs) -> None:

@@ -1,40 +1,22 @@
 """Barlow Twins redundancy-reduction loss over the global batch, with the collective injected by the caller.
 
 The authors summed per-rank losses with an all-reduce, so Barlow Twins' weight against the other losses shrank
-as 1 / world size (VOLTA.md defect 4). Here the statistics are global sums, every rank returns the same global
+as 1 / world size (docs/method.md, defect 4). Here the statistics are global sums, every rank returns the same global
 loss, and the gradients are those of one process holding the whole batch (see :func:`barlow_twins_loss`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["AllReduce", "barlow_twins_loss", "differentiable_all_reduce_sum"]
+from volta.dist import AllReduce
+
+__all__ = ["barlow_twins_loss"]
 
 logger = logging.getLogger(__name__)
-
-# A differentiable sum over ranks: forward returns the sum of the tensor over all ranks, backward sums the
-# incoming gradients over all ranks (the adjoint of "every rank receives the sum").
-AllReduce = Callable[[Tensor], Tensor]
-
-
-def differentiable_all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum ``x`` over the ranks of the default process group, differentiably; identity when not distributed.
-
-    Built on ``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces (sums) the gradient, so
-    a loss built from global sums and evaluated identically on every rank back-propagates each rank's share.
-    This is the callable the orchestration passes as ``all_reduce`` to :func:`barlow_twins_loss`.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM)
 
 
 def barlow_twins_loss(
@@ -44,7 +26,7 @@ def barlow_twins_loss(
 
     ``C (D, D)`` is the cross-correlation of the embeddings standardised per dimension (mean 0, biased variance
     1 with ``eps`` added, as a BatchNorm without affine parameters) over the GLOBAL batch: with ``all_reduce``
-    (a differentiable sum over ranks, e.g. :func:`differentiable_all_reduce_sum`) the means, variances and
+    (a differentiable sum over ranks, e.g. :func:`volta.dist.differentiable_all_reduce_sum`) the means, variances and
     ``C`` are built from sums over all ranks' rows. Convention: every rank returns the same global loss value;
     because the all-reduce's backward sums gradients over ranks, a rank's gradient w.r.t. its own rows is
     ``world_size`` times the single-process gradient, and averaging parameter gradients over ranks (as DDP and

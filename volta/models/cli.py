@@ -46,7 +46,7 @@ def _load_tokenizer(name: str | None) -> Any:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from volta.cli import UsageError
+    from volta.errors import UsageError
     from volta.models.export import export_encoders, load_volta_checkpoint
 
     checkpoint = Path(args.checkpoint)
@@ -65,7 +65,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``params`` and ``export`` subcommands to the ``volta`` parser."""
-    from volta.cli import add_config_arguments
+    from volta.commands import add_config_arguments
 
     p = sub.add_parser(
         "params",

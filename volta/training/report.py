@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from volta.cli import UsageError
+    from volta.errors import UsageError
 
     run = Path(args.run_dir)
     records = read_jsonl(run / "metrics.jsonl")
