@@ -115,7 +115,7 @@ class ModelConfig(_Section):
     got_projector_hidden_dim: int = Field(2048, ge=8)
     got_projector_out_dim: int = Field(1024, ge=8)
     # A final affine-free BatchNorm on the GOT projector: without it the projector, trained by GOT alone, can map
-    # every token to one direction and drive WD/GWD to 0 (measured; see README "Losses"). False = the paper's MLP.
+    # every token to one direction and drive WD/GWD to 0 (measured; see docs/losses.md). False = the paper's MLP.
     got_projector_output_norm: bool = True
     # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
     share_unimodal_prefix: bool = True
@@ -150,7 +150,7 @@ def text_layer_count(text: TextEncoderConfig) -> int | None:
 
 # ------------------------------------------------------------------------------------------------------ loss
 class LossConfig(_Section):
-    """Loss weights and solver settings (VOLTA.md section 2). A weight of 0 switches a term off entirely."""
+    """Loss weights and solver settings (docs/method.md section 2). A weight of 0 switches a term off entirely."""
 
     # Barlow Twins
     bt_weight: float = Field(1.0, ge=0.0)
@@ -171,12 +171,12 @@ class LossConfig(_Section):
     prune_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     prune_scope: Literal["sample", "batch"] = "sample"
     # Treat the pruning threshold as a constant of the step (true) or differentiate through its min and max
-    # (false, the authors' code), which lets the loss shrink by stretching the cost range: README "Losses".
+    # (false, the authors' code), which lets the loss shrink by stretching the cost range: docs/losses.md.
     prune_detach: bool = True
     got_include_special_tokens: bool = False
     # Not in the paper (0 = off): weight, inside the GOT term, of the in-batch InfoNCE of Wasserstein distances
     # (every image against every caption of the local batch, volta.losses.got.got_contrastive_loss). Balanced GOT
-    # on matched pairs alone lets words settle on the background patches every image has; README "Losses".
+    # on matched pairs alone lets words settle on the background patches every image has; docs/losses.md.
     got_contrastive_weight: float = Field(0.0, ge=0.0)
     got_contrastive_temperature: float = Field(0.05, gt=0.0)
     got_contrastive_ipot_iters: int = Field(1, ge=1)
@@ -210,7 +210,7 @@ class LossConfig(_Section):
 
 # ------------------------------------------------------------------------------------------------------ data
 class ViewConfig(_Section):
-    """Image view augmentation (VOLTA.md section 3), shared by both views except blur and solarize."""
+    """Image view augmentation (docs/method.md section 3), shared by both views except blur and solarize."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip_p: float = Field(0.5, ge=0.0, le=1.0)
@@ -301,12 +301,12 @@ class EvalConfig(_Section):
     grounding: bool = True
     # Pruning of the cost the pointing game and heat maps read their plans from (None = loss.prune_fraction).
     # 0 by default: pruning zeroes every cost under the threshold, a third of all pairs in a trained model, and
-    # the plan is then flat over them, so the best patch is a tie broken by chance (README "Evaluation").
+    # the plan is then flat over them, so the best patch is a tie broken by chance (docs/evaluation.md).
     grounding_prune_fraction: float | None = Field(0.0, ge=0.0, lt=1.0)
     # IPOT iterations of the plan the pointing game and heat maps read (None = loss.ipot_iters). 1 by default:
     # the first IPOT iterate (kernel rescaled to both marginals once) says which patches each word is closest
     # to; the converged plan must give every word the same mass, so background patches are forced onto object
-    # words and the best patch of a word is often background (measured on a held-out split: README "Evaluation").
+    # words and the best patch of a word is often background (measured on a held-out split: docs/evaluation.md).
     grounding_ipot_iters: int | None = Field(1, ge=1)
     heatmap_samples: int = Field(4, ge=0)
     # Linear probe: held-out fraction when one shard set is split, and the inverse L2 strength of the probe.

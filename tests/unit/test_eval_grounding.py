@@ -125,7 +125,7 @@ def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> 
         torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
     )
     results = ground_batch(None, batch, outputs, LossConfig())  # type: ignore[arg-type]
-    # Special tokens and padding never get mass (VOLTA.md defect 2).
+    # Special tokens and padding never get mass (docs/method.md defect 2).
     assert seen["text_mask"].tolist() == [[False] + [True] * 7 + [False, False]]
     by_phrase = {r.phrase: r for r in results if r.word is None}
     assert set(by_phrase) == {"red circle", "blue star", "star"}

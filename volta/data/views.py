@@ -1,4 +1,4 @@
-"""The two augmented views of every sample (VOLTA.md section 3): image views and EDA-style caption views.
+"""The two augmented views of every sample (docs/method.md section 3): image views and EDA-style caption views.
 
 Image views compose torchvision v2 transforms: RandomResizedCrop (bicubic) to the model's input size, horizontal
 flip, colour jitter with probability, grayscale with probability, then per view a Gaussian blur (p 1.0 / 0.1) and

@@ -1,6 +1,6 @@
 """Graph optimal transport (GOT) loss: Wasserstein (WD) + Gromov-Wasserstein (GWD) patch-to-word alignment.
 
-VOLTA.md section 2 with defects 2, 3 and 5 fixed: padding gets no transport mass and has no influence at all
+docs/method.md section 2 with defects 2, 3 and 5 fixed: padding gets no transport mass and has no influence at all
 (a padded sample gives exactly the values of the unpadded sample alone), the pruning threshold is per sample by
 default, and all OT arithmetic is fp32 under any autocast.
 """
@@ -248,8 +248,8 @@ def got_contrastive_loss(
     text-to-image cross entropies. ``acc`` is the mean top-1 accuracy of both directions; ``wd`` is ``(B, B)``.
 
     Not in the paper: balanced GOT on matched pairs only is as cheap when every word is matched to the
-    background patches that every image has as when words are matched to the objects they name (README
-    "Losses"); a caption's plan must be cheaper on its own image than on the others only in the second case.
+    background patches that every image has as when words are matched to the objects they name
+    (docs/losses.md); a caption's plan must be cheaper on its own image than on the others only in the second case.
     Samples without a valid patch or token are left out; with fewer than two samples left the loss is 0 (with a
     zero gradient). Negatives are the local batch (no all-gather). All arithmetic in fp32 (fp64 for fp64 inputs).
     """

@@ -1,7 +1,7 @@
 """Image-text matching: in-batch negative sampling (uniform or hard) and the two-way classification loss.
 
 The authors swapped images uniformly at random within the batch, which can pair a caption with its own image
-(another caption of the same picture) and call it a negative (VOLTA.md defect 9). Here a negative always uses a
+(another caption of the same picture) and call it a negative (docs/method.md defect 9). Here a negative always uses a
 different image (by id), and hard negatives can be sampled from the global-feature similarity.
 """
 

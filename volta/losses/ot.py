@@ -4,7 +4,7 @@ Every solver takes a batch of problems ``cost (B, n, m)`` with marginals ``a (B,
 contain zeros: a zero-mass point is padding, it receives exactly zero transport mass and has no influence on the
 other points (the plan of a padded problem equals the plan of the unpadded one). All arithmetic runs in fp32
 (fp64 when an input is fp64) with autocast disabled, so bf16/fp16 inputs or mixed-precision training cannot
-underflow ``exp(-C / beta)`` (VOLTA.md defect 5).
+underflow ``exp(-C / beta)`` (docs/method.md defect 5).
 
 Why not POT's batched solvers (``ot.batch``, POT 0.9.7): ``solve_batch(method="proximal")`` returned the
 independent coupling instead of the proximal-point plan, and every batched solver returned NaN as soon as a

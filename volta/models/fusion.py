@@ -1,4 +1,4 @@
-"""CMAF: gated cross-modal attention fusion (VOLTA.md section 1).
+"""CMAF: gated cross-modal attention fusion (docs/method.md section 1).
 
 Each fused block pair owns two :class:`GatedCrossAttention` modules: the image block's (queries = image tokens,
 keys/values = text tokens, padding masked out) and the text layer's (queries = text tokens, keys/values = the

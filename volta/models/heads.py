@@ -1,4 +1,4 @@
-"""VoLTA's heads (VOLTA.md section 1): pooling, Barlow Twins and GOT projectors, MLM and ITM heads."""
+"""VoLTA's heads (docs/method.md section 1): pooling, Barlow Twins and GOT projectors, MLM and ITM heads."""
 
 from __future__ import annotations
 

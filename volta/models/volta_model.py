@@ -5,7 +5,7 @@ timm's ``forward_features`` and Hugging Face's ``last_hidden_state``; ``fusion=T
 in lockstep (image block k and text layer k each read the other's states from before pair k).
 
 The computation below the fused blocks does not depend on the other modality, so it can be computed once and
-reused across the loss passes (VOLTA.md 4.8)::
+reused across the loss passes (docs/method.md 4.8)::
 
     img = model.image_prefix(images)                 # once per image view
     txt = model.text_prefix(input_ids, attention_mask)
