@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from volta.config import LossConfig
+from volta.config import GOTContrastConfig
 from volta.losses.got import got_contrastive_loss, got_loss
 
 SETTINGS: dict[str, Any] = dict(
@@ -170,18 +170,10 @@ def _ours(image: Tensor, text: Tensor, image_mask: Tensor, text_mask: Tensor) ->
 def _ours_with_contrast(
     image: Tensor, text: Tensor, image_mask: Tensor, text_mask: Tensor
 ) -> dict[str, Tensor]:
-    """GOT plus the optional in-batch contrast (``loss.got_contrastive_*`` defaults, the demo's weight 0.1)."""
-    c = LossConfig()
+    """GOT plus the optional in-batch contrast (``loss.got.contrastive`` defaults, the demo's weight 0.1)."""
+    contrast = GOTContrastConfig().kwargs(ipot_beta=float(SETTINGS["ipot_beta"]))
     out = got_loss(image, text, image_mask, text_mask, **SETTINGS)
-    nce = got_contrastive_loss(
-        image,
-        text,
-        image_mask,
-        text_mask,
-        temperature=c.got_contrastive_temperature,
-        ipot_beta=SETTINGS["ipot_beta"],
-        ipot_iters=c.got_contrastive_ipot_iters,
-    )
+    nce = got_contrastive_loss(image, text, image_mask, text_mask, **contrast)
     return {**out, "loss": out["loss"] + 0.1 * nce["loss"]}
 
 

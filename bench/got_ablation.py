@@ -36,7 +36,7 @@ def _last_validation(path: Path) -> dict[str, float]:
     return {k: float(last[k]) for k in KEYS if k in last} | {"step": float(last["step"])}
 
 
-ARMS = {"got_default": [], "got_zero": ["loss.got_weight=0"]}
+ARMS = {"got_default": [], "got_zero": ["loss.got.weight=0"]}
 
 
 def run(

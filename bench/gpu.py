@@ -224,7 +224,7 @@ def measure_got(
     patches = (m.image.img_size // 32) ** 2  # Swin's final grid: 4x patch embedding, three 2x merges
     shape = (config.train.micro_batch_size, patches, m.text.max_length, m.got_projector_out_dim)
     image, text, image_mask, text_mask = (t.to(device) for t in make_batch(*shape))
-    settings = c.got_kwargs()  # the solver settings the task trains with
+    settings = c.got.kwargs()  # the solver settings the task trains with
 
     def ours(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return got_loss(i, t, image_mask, text_mask, **settings)["loss"]  # type: ignore[arg-type]

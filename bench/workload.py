@@ -56,7 +56,7 @@ def random_batch(config: VoltaConfig, batch_size: int, vocab_size: int, seed: in
     """A ``VoltaBatch`` of ``batch_size`` samples at the recipe's image size and caption length (random content).
 
     Images ``(B, 3, S, S)`` are standard normal (what ImageNet-normalised pixels look like to the model); both
-    caption views are MLM-masked at ``loss.mlm_probability``; every sample has its own image id.
+    caption views are MLM-masked at ``loss.mlm.probability``; every sample has its own image id.
     """
     gen = torch.Generator().manual_seed(seed)
     size, length = config.model.image.img_size, config.model.text.max_length
@@ -68,7 +68,7 @@ def random_batch(config: VoltaConfig, batch_size: int, vocab_size: int, seed: in
             special,
             mask_token_id=vocab_size - 1,
             vocab_size=vocab_size,
-            probability=config.loss.mlm_probability,
+            probability=config.loss.mlm.probability,
             generator=gen,
             num_special_ids=FIRST_WORD_ID,
         )

@@ -30,13 +30,13 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "debug_losses.json"
 STEPS = 8
 BATCH = 8
 # Every term on, so each one is pinned (the debug recipe leaves the GOT contrast off).
-ALL_TERMS = ("loss.got_contrastive_weight=0.1", "optim.grad_clip=1.0")
+ALL_TERMS = ("loss.got.contrastive.weight=0.1", "optim.grad_clip=1.0")
 VARIANTS: dict[str, tuple[str, ...]] = {
-    "prefix_sharing-uniform_negatives": ("model.share_unimodal_prefix=true", "loss.itm_negatives=uniform"),
-    "prefix_sharing-hard_negatives": ("model.share_unimodal_prefix=true", "loss.itm_negatives=hard"),
+    "prefix_sharing-uniform_negatives": ("model.share_unimodal_prefix=true", "loss.itm.negatives=uniform"),
+    "prefix_sharing-hard_negatives": ("model.share_unimodal_prefix=true", "loss.itm.negatives=hard"),
     "no_prefix_sharing-uniform_negatives": (
         "model.share_unimodal_prefix=false",
-        "loss.itm_negatives=uniform",
+        "loss.itm.negatives=uniform",
     ),
 }
 

@@ -18,11 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "BarlowTwinsLossConfig",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "GOTContrastConfig",
+    "GOTLossConfig",
+    "ITMLossConfig",
     "ImageEncoderConfig",
     "LossConfig",
+    "MLMLossConfig",
     "ModelConfig",
     "OptimConfig",
     "RayConfig",
@@ -149,18 +154,36 @@ def text_layer_count(text: TextEncoderConfig) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------------ loss
-class LossConfig(_Section):
-    """Loss weights and solver settings (docs/method.md section 2). A weight of 0 switches a term off entirely."""
+class BarlowTwinsLossConfig(_Section):
+    """Barlow Twins on the global projections, fusion off: its weight, the off-diagonal factor and the pairs."""
 
-    # Barlow Twins
-    bt_weight: float = Field(1.0, ge=0.0)
-    bt_lambda: float = Field(0.005, ge=0.0)
-    bt_w_ii: float = Field(0.25, ge=0.0)
-    bt_w_tt: float = Field(0.25, ge=0.0)
-    bt_w_it: float = Field(0.25, ge=0.0)
-    bt_w_it2: float = Field(0.25, ge=0.0)
-    # Graph optimal transport
-    got_weight: float = Field(100.0, ge=0.0)
+    weight: float = Field(1.0, ge=0.0)
+    lambd: float = Field(0.005, ge=0.0)  # barlow_twins_loss(lambd=): weight of the off-diagonal terms
+    image_image: float = Field(0.25, ge=0.0)  # BT(I, I'): the two image views
+    text_text: float = Field(0.25, ge=0.0)  # BT(T, T'): the two caption views
+    image_text: float = Field(0.25, ge=0.0)  # BT(I, T): first views across modalities
+    image_text_view2: float = Field(0.25, ge=0.0)  # BT(I', T'): second views across modalities
+
+
+class GOTContrastConfig(_Section):
+    """Not in the paper (weight 0 = off): the in-batch InfoNCE of Wasserstein distances, inside the GOT term
+    (volta.losses.got.got_contrastive_loss). Balanced GOT on matched pairs alone lets words settle on the
+    background patches every image has; docs/losses.md."""
+
+    weight: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.05, gt=0.0)
+    ipot_iters: int = Field(1, ge=1)
+
+    def kwargs(self, ipot_beta: float) -> dict[str, Any]:
+        """Keyword arguments of :func:`volta.losses.got.got_contrastive_loss` (the IPOT step is GOT's)."""
+        return {"temperature": self.temperature, "ipot_beta": ipot_beta, "ipot_iters": self.ipot_iters}
+
+
+class GOTLossConfig(_Section):
+    """Graph optimal transport between patch and word tokens, fusion off. Every field but ``weight``,
+    ``include_special_tokens`` and ``contrastive`` is a keyword argument of :func:`volta.losses.got.got_loss`."""
+
+    weight: float = Field(100.0, ge=0.0)
     wd_weight: float = Field(0.1, ge=0.0)
     gwd_weight: float = Field(0.1, ge=0.0)
     ipot_beta: float = Field(0.5, gt=0.0)
@@ -173,39 +196,63 @@ class LossConfig(_Section):
     # Treat the pruning threshold as a constant of the step (true) or differentiate through its min and max
     # (false, the authors' code), which lets the loss shrink by stretching the cost range: docs/losses.md.
     prune_detach: bool = True
-    got_include_special_tokens: bool = False
-    # Not in the paper (0 = off): weight, inside the GOT term, of the in-batch InfoNCE of Wasserstein distances
-    # (every image against every caption of the local batch, volta.losses.got.got_contrastive_loss). Balanced GOT
-    # on matched pairs alone lets words settle on the background patches every image has; docs/losses.md.
-    got_contrastive_weight: float = Field(0.0, ge=0.0)
-    got_contrastive_temperature: float = Field(0.05, gt=0.0)
-    got_contrastive_ipot_iters: int = Field(1, ge=1)
-    # MLM and ITM
-    mlm_weight: float = Field(1.0, ge=0.0)
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
-    itm_weight: float = Field(1.0, ge=0.0)
-    itm_negatives: Literal["uniform", "hard"] = "uniform"
+    include_special_tokens: bool = False
+    contrastive: GOTContrastConfig = Field(default_factory=GOTContrastConfig)
 
-    def got_kwargs(self) -> dict[str, Any]:
-        """The solver and weighting arguments of :func:`volta.losses.got.got_loss` from this section."""
-        return {
-            "wd_weight": self.wd_weight,
-            "gwd_weight": self.gwd_weight,
-            "ipot_beta": self.ipot_beta,
-            "ipot_iters": self.ipot_iters,
-            "gw_beta": self.gw_beta,
-            "gw_outer_iters": self.gw_outer_iters,
-            "gw_inner_iters": self.gw_inner_iters,
-            "prune_fraction": self.prune_fraction,
-            "prune_scope": self.prune_scope,
-            "prune_detach": self.prune_detach,
-        }
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`volta.losses.got.got_loss`: every field of this block but the three above."""
+        return self.model_dump(exclude={"weight", "include_special_tokens", "contrastive"})
+
+
+class MLMLossConfig(_Section):
+    """Masked language modelling with fusion on: its weight and the share of caption tokens corrupted."""
+
+    weight: float = Field(1.0, ge=0.0)
+    probability: float = Field(0.15, gt=0.0, lt=1.0)  # mask_tokens(probability=)
+
+
+class ITMLossConfig(_Section):
+    """Image-text matching with fusion on: its weight and how negatives are drawn (sample_itm_pairs(mode=))."""
+
+    weight: float = Field(1.0, ge=0.0)
+    negatives: Literal["uniform", "hard"] = "uniform"
+
+
+# Flat keys of the loss section before it was nested, and where each setting lives now.
+RENAMED_LOSS_KEYS: dict[str, str] = {
+    "bt_weight": "bt.weight", "bt_lambda": "bt.lambd", "bt_w_ii": "bt.image_image", "bt_w_tt": "bt.text_text",
+    "bt_w_it": "bt.image_text", "bt_w_it2": "bt.image_text_view2", "got_weight": "got.weight",
+    "wd_weight": "got.wd_weight", "gwd_weight": "got.gwd_weight", "ipot_beta": "got.ipot_beta",
+    "ipot_iters": "got.ipot_iters", "gw_beta": "got.gw_beta", "gw_outer_iters": "got.gw_outer_iters",
+    "gw_inner_iters": "got.gw_inner_iters", "prune_fraction": "got.prune_fraction",
+    "prune_scope": "got.prune_scope", "prune_detach": "got.prune_detach",
+    "got_include_special_tokens": "got.include_special_tokens", "got_contrastive_weight": "got.contrastive.weight",
+    "got_contrastive_temperature": "got.contrastive.temperature",
+    "got_contrastive_ipot_iters": "got.contrastive.ipot_iters", "mlm_weight": "mlm.weight",
+    "mlm_probability": "mlm.probability", "itm_weight": "itm.weight", "itm_negatives": "itm.negatives",
+}  # fmt: skip
+
+
+class LossConfig(_Section):
+    """The four loss terms (docs/method.md section 2), one block each. A weight of 0 switches a term off."""
+
+    bt: BarlowTwinsLossConfig = Field(default_factory=BarlowTwinsLossConfig)
+    got: GOTLossConfig = Field(default_factory=GOTLossConfig)
+    mlm: MLMLossConfig = Field(default_factory=MLMLossConfig)
+    itm: ITMLossConfig = Field(default_factory=ITMLossConfig)
 
     @model_validator(mode="after")
     def _some_loss(self) -> LossConfig:
-        if self.bt_weight == 0 and self.got_weight == 0 and self.mlm_weight == 0 and self.itm_weight == 0:
-            raise ValueError("at least one of bt_weight, got_weight, mlm_weight, itm_weight must be > 0")
+        if self.bt.weight == 0 and self.got.weight == 0 and self.mlm.weight == 0 and self.itm.weight == 0:
+            raise ValueError("at least one of bt.weight, got.weight, mlm.weight, itm.weight must be > 0")
         return self
+
+
+def renamed_key_error(parts: Sequence[str]) -> ConfigError | None:
+    """The one-line error for a dotted path that names a loss setting by its old flat key, else None."""
+    if len(parts) >= 2 and parts[0] == "loss" and parts[1] in RENAMED_LOSS_KEYS:
+        return ConfigError(f"loss.{parts[1]}: renamed; use loss.{RENAMED_LOSS_KEYS[parts[1]]}")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -299,11 +346,11 @@ class EvalConfig(_Section):
     max_samples: int | None = Field(None, ge=1)
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     grounding: bool = True
-    # Pruning of the cost the pointing game and heat maps read their plans from (None = loss.prune_fraction).
+    # Pruning of the cost the pointing game and heat maps read their plans from (None = loss.got.prune_fraction).
     # 0 by default: pruning zeroes every cost under the threshold, a third of all pairs in a trained model, and
     # the plan is then flat over them, so the best patch is a tie broken by chance (docs/evaluation.md).
     grounding_prune_fraction: float | None = Field(0.0, ge=0.0, lt=1.0)
-    # IPOT iterations of the plan the pointing game and heat maps read (None = loss.ipot_iters). 1 by default:
+    # IPOT iterations of the plan the pointing game and heat maps read (None = loss.got.ipot_iters). 1 by default:
     # the first IPOT iterate (kernel rescaled to both marginals once) says which patches each word is closest
     # to; the converged plan must give every word the same mass, so background patches are forced onto object
     # words and the best patch of a word is often background (measured on a held-out split: docs/evaluation.md).
@@ -313,14 +360,14 @@ class EvalConfig(_Section):
     probe_test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     probe_c: float = Field(1.0, gt=0.0)
 
-    def grounding_loss(self, loss: LossConfig) -> LossConfig:
-        """The GOT settings the pointing game and heat maps use: ``loss`` with the evaluation's pruning and iterations."""
+    def grounding_got(self, got: GOTLossConfig) -> GOTLossConfig:
+        """The GOT settings the pointing game and heat maps use: ``got`` with the evaluation's pruning and iterations."""
         update: dict[str, Any] = {}
         if self.grounding_prune_fraction is not None:
             update["prune_fraction"] = self.grounding_prune_fraction
         if self.grounding_ipot_iters is not None:
             update["ipot_iters"] = self.grounding_ipot_iters
-        return loss.model_copy(update=update) if update else loss
+        return got.model_copy(update=update) if update else got
 
     @field_validator("retrieval_ks")
     @classmethod
@@ -534,6 +581,10 @@ def config_from_dict(data: Mapping[str, Any]) -> VoltaConfig:
     """Validate a plain mapping into a :class:`VoltaConfig`, raising :class:`ConfigError` with one line."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    loss = data.get("loss")
+    for key in loss if isinstance(loss, Mapping) else ():
+        if (renamed := renamed_key_error(["loss", str(key)])) is not None:
+            raise renamed
     try:
         return VoltaConfig.model_validate(dict(data))
     except ValidationError as err:
@@ -582,6 +633,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     schema = VoltaConfig().model_dump()
     for item in overrides:
         parts, value = _parse_override(item)
+        if (renamed := renamed_key_error(parts)) is not None:
+            raise renamed
         if parts[:2] == ["sweep", "space"] or _has_path(schema, parts) or _under_free_dict(parts):
             set_dotted(data, parts, value)
         else:

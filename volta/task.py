@@ -5,7 +5,7 @@ fusion off -> Barlow Twins on global projections and GOT (WD + GWD) between patc
 fusion on  -> MLM on (image view v, masked caption v) and ITM on (image or a swapped image, caption v).
 ``L = bt_weight*L_BT + got_weight*L_GOT + mlm_weight*L_MLM + itm_weight*L_ITM`` with MLM and ITM averaged over
 the two views and GOT summed over the two (image, caption) pairs. A term with weight 0 is not computed.
-``loss.got_contrastive_weight > 0`` adds, inside the GOT term, the in-batch InfoNCE of Wasserstein distances
+``loss.got.contrastive.weight > 0`` adds, inside the GOT term, the in-batch InfoNCE of Wasserstein distances
 (not in the paper; its negatives are the local batch, like ITM's).
 
 Distributed semantics (one rule for every term): each rank returns its share of the global objective, such that
@@ -123,10 +123,10 @@ class VoLTATask(nn.Module):
         convert_to_global_batchnorm(self.model, all_reduce)
         # The terms in the order they are computed and summed; adding a loss = a method here + a config weight.
         self.terms: list[tuple[float, Callable[[VoltaBatch, list[ViewPasses]], Terms]]] = [
-            (loss.bt_weight, self.barlow_twins_terms),
-            (loss.got_weight, self.got_terms),
-            (loss.mlm_weight, self.mlm_terms),
-            (loss.itm_weight, self.itm_terms),
+            (loss.bt.weight, self.barlow_twins_terms),
+            (loss.got.weight, self.got_terms),
+            (loss.mlm.weight, self.mlm_terms),
+            (loss.itm.weight, self.itm_terms),
         ]
 
     def forward(self, batch: VoltaBatch) -> Terms:
@@ -144,45 +144,42 @@ class VoLTATask(nn.Module):
     # ------------------------------------------------------------------------------------------------ terms
     def barlow_twins_terms(self, batch: VoltaBatch, passes: list[ViewPasses]) -> Terms:
         """Fusion off: BT(I, I'), BT(T, T'), BT(I, T), BT(I', T') on the global projections, weighted."""
-        c = self.loss_cfg
+        c = self.loss_cfg.bt
         (i1, t1), (i2, t2) = ((p.bt_projections().image, p.bt_projections().text) for p in passes)
 
         def bt(a: Tensor, b: Tensor) -> Tensor:
-            return barlow_twins_loss(a, b, lambd=c.bt_lambda, all_reduce=self.all_reduce)
+            return barlow_twins_loss(a, b, lambd=c.lambd, all_reduce=self.all_reduce)
 
         loss = (
-            c.bt_w_ii * bt(i1, i2) + c.bt_w_tt * bt(t1, t2) + c.bt_w_it * bt(i1, t1) + c.bt_w_it2 * bt(i2, t2)
+            c.image_image * bt(i1, i2)
+            + c.text_text * bt(t1, t2)
+            + c.image_text * bt(i1, t1)
+            + c.image_text_view2 * bt(i2, t2)
         )
-        return {"bt_loss": c.bt_weight * loss}
+        return {"bt_loss": c.weight * loss}
 
     def got_terms(self, batch: VoltaBatch, passes: list[ViewPasses]) -> Terms:
         """Fusion off: GOT (WD + GWD) between patch and word tokens, summed over both views, plus the optional
         in-batch contrast of Wasserstein distances inside the same term."""
-        c = self.loss_cfg
+        c = self.loss_cfg.got
         zero = torch.zeros((), device=batch.image_ids.device)
         wd, gwd, total, nce = zero, zero, zero, zero
         nce_acc: list[Tensor] = []
         for p in passes:
             g = self.model.got_projections(p.dual())
             text_mask = g.text_mask
-            if not c.got_include_special_tokens:
+            if not c.include_special_tokens:
                 text_mask = text_mask & ~p.view.special_tokens_mask.bool()
-            res = got_loss(g.image, g.text, g.image_mask, text_mask, **c.got_kwargs())
+            res = got_loss(g.image, g.text, g.image_mask, text_mask, **c.kwargs())
             wd, gwd, total = wd + res["wd"].mean(), gwd + res["gwd"].mean(), total + res["loss"]
-            if c.got_contrastive_weight > 0:
+            if c.contrastive.weight > 0:
                 contrast = got_contrastive_loss(
-                    g.image,
-                    g.text,
-                    g.image_mask,
-                    text_mask,
-                    temperature=c.got_contrastive_temperature,
-                    ipot_beta=c.ipot_beta,
-                    ipot_iters=c.got_contrastive_ipot_iters,
+                    g.image, g.text, g.image_mask, text_mask, **c.contrastive.kwargs(c.ipot_beta)
                 )
                 nce = nce + contrast["loss"]
                 nce_acc.append(contrast["acc"])
-                total = total + c.got_contrastive_weight * contrast["loss"]
-        out = {"got_loss": c.got_weight * total, "wd": wd.detach(), "gwd": gwd.detach()}
+                total = total + c.contrastive.weight * contrast["loss"]
+        out = {"got_loss": c.weight * total, "wd": wd.detach(), "gwd": gwd.detach()}
         if nce_acc:
             out["got_nce"] = nce.detach()
             out["got_nce_acc"] = torch.stack(nce_acc).mean()
@@ -197,16 +194,16 @@ class VoLTATask(nn.Module):
             positions = p.view.mlm_labels != IGNORE_INDEX  # (B, T)
             logits = self.model.mlm_logits(fused, positions)  # (N, V)
             losses.append(mlm_loss(logits, p.view.mlm_labels[positions], all_reduce=self.all_reduce))
-        return {"mlm_loss": self.loss_cfg.mlm_weight * torch.stack(losses).mean()}
+        return {"mlm_loss": self.loss_cfg.mlm.weight * torch.stack(losses).mean()}
 
     def itm_terms(self, batch: VoltaBatch, passes: list[ViewPasses]) -> Terms:
         """Fusion on: ITM on pairs where about half the images are swapped for another image of the batch,
         averaged over the two views."""
-        c = self.loss_cfg
+        c = self.loss_cfg.itm
         losses, accuracies = [], []
         for p in passes:
             similarity = None
-            if c.itm_negatives == "hard":
+            if c.negatives == "hard":
                 # Cosine of the Barlow Twins projections: one space for both modalities (the backbones' global
                 # features have different widths), aligned by the inter-modal BT terms.
                 proj = p.bt_projections()
@@ -216,7 +213,7 @@ class VoLTATask(nn.Module):
             image_index, labels = sample_itm_pairs(
                 batch.image_ids.to(p.view.input_ids.device),
                 generator=None,
-                mode=c.itm_negatives,
+                mode=c.negatives,
                 similarity=similarity,
             )
             fused = self.model.encode(p.image_prefix(image_index), p.text_prefix(), fusion=True)
@@ -224,7 +221,7 @@ class VoLTATask(nn.Module):
             losses.append(itm_loss(logits, labels))
             accuracies.append((logits.argmax(-1) == labels).float().mean())
         return {
-            "itm_loss": c.itm_weight * torch.stack(losses).mean(),
+            "itm_loss": c.weight * torch.stack(losses).mean(),
             "itm_acc": torch.stack(accuracies).mean().detach(),
         }
 

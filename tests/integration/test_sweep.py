@@ -137,7 +137,7 @@ def _stand_in_train_fn(config_dict: dict[str, Any]) -> None:
     tracker = Tracker.start(config)
     steps = config.train.max_steps or 1
     for step in range(1, steps + 1):
-        metrics = {"step": float(step), "train/mlm_loss": config.loss.got_weight * (1.0 + 1.0 / step)}
+        metrics = {"step": float(step), "train/mlm_loss": config.loss.got.weight * (1.0 + 1.0 / step)}
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
         ray.train.report(metrics)
@@ -229,7 +229,7 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
         "sweep.algorithm=grid",
         "sweep.max_concurrent_trials=2",
         "sweep.grace_period=1",
-        "sweep.space={loss.got_weight: {type: choice, values: [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}}",
+        "sweep.space={loss.got.weight: {type: choice, values: [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}}",
         f"tracking.uri={dashboard}",
         "tracking.experiment=tune-layer",
     )
@@ -239,9 +239,9 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
     assert len(trials) == 6 and summary["resumed"] is False
     assert summary["counts"]["early_stopped"] >= 1 and summary["counts"]["error"] == 0
     assert all(t["run_name"] == f"tune-layer-{t['trial_id']}" for t in trials)
-    assert summary["best"]["values"] == {"loss.got_weight": 1.0}
+    assert summary["best"]["values"] == {"loss.got.weight": 1.0}
     recipe = load_config(summary["best_recipe"])
-    assert recipe.loss.got_weight == 1.0 and recipe.sweep.space == {}
+    assert recipe.loss.got.weight == 1.0 and recipe.sweep.space == {}
     assert Path(summary["best_recipe"]) == tmp_path / "ray" / "tune-layer" / "best-recipe.yaml"
     # Every trial's Train run keeps its checkpoints/state under the sweep's storage prefix.
     runs_dir = tmp_path / "ray" / "tune-layer" / "runs"
@@ -260,7 +260,7 @@ def test_sweep_early_stops_resumes_and_groups_trials_in_the_dashboard(
         tags, params, metrics = _tags(run), _params(run), _metrics(run)
         assert tags["volta.sweep"] == "tune-layer" and tags["mlflow.parentRunId"] == parent_id
         assert tags["volta.run_name"] == f"tune-layer-{tags['volta.trial_id']}"
-        assert float(params["loss.got_weight"]) in {1.0, 2.0, 4.0, 8.0, 16.0, 32.0}
+        assert float(params["loss.got.weight"]) in {1.0, 2.0, 4.0, 8.0, 16.0, 32.0}
         assert "train/mlm_loss" in metrics and "sweep/objective" in metrics
         assert run["info"]["status"] != "RUNNING"  # stopped trials are closed by the driver
         statuses[tags["volta.trial_id"]] = tags["volta.trial_status"]

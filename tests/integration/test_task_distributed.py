@@ -18,7 +18,7 @@ from volta.task import VoLTATask
 
 B = 8
 # ITM negatives are drawn from the local batch by design (see volta/task.py), so ITM is off here.
-OVERRIDES = ("loss.itm_weight=0",)
+OVERRIDES = ("loss.itm.weight=0",)
 
 
 def _task(all_reduce: object) -> VoLTATask:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,7 +49,7 @@ def test_base_recipe_is_the_paper_setting() -> None:
     assert c.model.fusion_depth == 6
     assert c.train.global_batch_size == 256 and c.train.precision == "bf16" and c.train.zero_stage == 2
     assert c.optim.name == "lars" and c.ray.use_gpu
-    assert (c.loss.got_weight, c.loss.wd_weight, c.loss.gwd_weight, c.loss.bt_lambda) == (
+    assert (c.loss.got.weight, c.loss.got.wd_weight, c.loss.got.gwd_weight, c.loss.bt.lambd) == (
         100,
         0.1,
         0.1,
@@ -61,19 +62,19 @@ def test_overrides_apply_with_yaml_values() -> None:
         REPO / "configs" / "debug.yaml",
         [
             "model.fusion_depth=1",
-            "loss.got_weight=2.5",
+            "loss.got.weight=2.5",
             "model.image.timm_kwargs.depths=[1,1,1,1]",
             "data.train_shards=['a/{0..3}.tar', 's3://b/x']",
             "train.max_steps=7",
-            "sweep.space.loss.wd_weight={type: uniform, low: 0.0, high: 1.0}",
+            "sweep.space.loss.got.wd_weight={type: uniform, low: 0.0, high: 1.0}",
         ],
     )
     assert c.model.fusion_depth == 1
-    assert c.loss.got_weight == 2.5
+    assert c.loss.got.weight == 2.5
     assert c.model.image.timm_kwargs["depths"] == [1, 1, 1, 1]
     assert c.data.train_shards == ["a/{0..3}.tar", "s3://b/x"]
     assert c.train.max_steps == 7
-    assert c.sweep.space["loss.wd_weight"].high == 1.0
+    assert c.sweep.space["loss.got.wd_weight"].high == 1.0
 
 
 def test_defaults_validate_and_derived_values() -> None:
@@ -108,19 +109,19 @@ INVALID: list[tuple[list[str], str]] = [
     (["model.fusion_depth=5"], "model.fusion_depth: must be between 0 and 4"),
     (["model.fusion_depth=-1"], "model.fusion_depth: Input should be greater than or equal to 0"),
     (["train.global_batch_size=12"], "train.global_batch_size: must be divisible by"),
-    (["loss.got_weight=-1"], "loss.got_weight: Input should be greater than or equal to 0"),
-    (["loss.wd_weight=-0.5"], "loss.wd_weight: Input should be greater than or equal to 0"),
+    (["loss.got.weight=-1"], "loss.got.weight: Input should be greater than or equal to 0"),
+    (["loss.got.wd_weight=-0.5"], "loss.got.wd_weight: Input should be greater than or equal to 0"),
     (
-        ["loss.bt_weight=0", "loss.got_weight=0", "loss.mlm_weight=0", "loss.itm_weight=0"],
-        "loss: at least one of bt_weight",
+        ["loss.bt.weight=0", "loss.got.weight=0", "loss.mlm.weight=0", "loss.itm.weight=0"],
+        "loss: at least one of bt.weight",
     ),
     (["model.bogus=1"], "model.bogus: unknown key"),
     (["train.precision=fp8"], "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
     (["train.precision=fp16"], "train.precision: fp16 needs a GPU"),
     (["train.micro_batch_size=abc"], "train.micro_batch_size: Input should be a valid integer"),
     (["model.image.name=vit_base_patch16_224"], "model.image.name: expected a timm Swin Transformer name"),
-    (["loss.prune_scope=global"], "loss.prune_scope: Input should be 'sample' or 'batch'"),
-    (["loss.prune_fraction=1.5"], "loss.prune_fraction: Input should be less than 1"),
+    (["loss.got.prune_scope=global"], "loss.got.prune_scope: Input should be 'sample' or 'batch'"),
+    (["loss.got.prune_fraction=1.5"], "loss.got.prune_fraction: Input should be less than 1"),
     (["ray.run_name=has space"], "ray.run_name: expected letters, digits"),
     (["storage.endpoint_url=localhost:9000"], "storage.endpoint_url: expected http(s)://host[:port]"),
     (["train.val_every=10", "data.val_shards=null"], "data.val_shards: must be set when train.val_every"),
@@ -131,10 +132,13 @@ INVALID: list[tuple[list[str], str]] = [
         "sweep.space.loss.nothing: is not a config",
     ),
     (
-        ["sweep.space.loss.wd_weight={type: uniform, low: 1, high: 0}"],
-        "sweep.space.loss.wd_weight: expected low < high",
+        ["sweep.space.loss.got.wd_weight={type: uniform, low: 1, high: 0}"],
+        "sweep.space.loss.got.wd_weight: expected low < high",
     ),
-    (["sweep.space.loss.wd_weight={type: choice}"], "sweep.space.loss.wd_weight: type 'choice' needs"),
+    (
+        ["sweep.space.loss.got.wd_weight={type: choice}"],
+        "sweep.space.loss.got.wd_weight: type 'choice' needs",
+    ),
     (["sweep.metric=grounding"], "sweep.metric: expected 'val/<name>'"),
     (["data.views.crop_scale=[0.9, 0.2]"], "data.views.crop_scale: expected 0 < low <= high <= 1"),
     (["eval.retrieval_ks=[0, 5]"], "eval.retrieval_ks: expected a non-empty list of positive integers"),
@@ -237,3 +241,33 @@ def test_resolve_local_paths_makes_relative_paths_absolute(tmp_path: Path) -> No
     hub = resolve_local_paths(load_config(REPO / "configs" / "base.yaml"), tmp_path)
     assert hub.model.text.name == "FacebookAI/roberta-base" and hub.storage.path.startswith("s3://")
     assert hub.data.train_shards.startswith("s3://")
+
+
+def test_loss_blocks_hold_exactly_the_loss_functions_keyword_arguments() -> None:
+    import inspect
+
+    from volta.config import GOTLossConfig
+    from volta.losses.got import got_contrastive_loss, got_loss
+
+    def keyword_only(fn: Any) -> set[str]:
+        return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    got = GOTLossConfig()
+    assert set(got.kwargs()) == keyword_only(got_loss)
+    assert set(got.contrastive.kwargs(got.ipot_beta)) == keyword_only(got_contrastive_loss)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("got_weight", "got.weight"), ("bt_w_it2", "bt.image_text_view2"), ("itm_negatives", "itm.negatives")],
+)
+def test_an_old_flat_loss_key_names_its_new_place(old: str, new: str, tmp_path: Path) -> None:
+    message = f"loss.{old}: renamed; use loss.{new}"
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "debug.yaml", [f"loss.{old}=1"])
+    assert str(err.value) == message
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"loss:\n  {old}: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert str(err.value) == message

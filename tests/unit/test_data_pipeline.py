@@ -117,7 +117,7 @@ def test_batch_contents(tmp_path: Path, tiny_tokenizer: Any) -> None:
     twin = good_sample(100)
     write_shard(tmp_path / "00002.tar", [twin, {**twin, "__key__": "twin", "txt": b"the same picture again"}])
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 4, "00001.tar": 4, "00002.tar": 2}))
-    cfg = tiny_config(str(tmp_path), data={"samples_per_epoch": 8}, loss={"mlm_probability": 0.3})
+    cfg = tiny_config(str(tmp_path), data={"samples_per_epoch": 8}, loss={"mlm": {"probability": 0.3}})
     batches = list(build_train_loader(cfg, tiny_tokenizer, rank=0, world_size=1, epoch=0))
     assert len(batches) == 2
     b = batches[0]

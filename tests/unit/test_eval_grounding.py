@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import volta.eval.grounding as grounding
-from volta.config import LossConfig
+from volta.config import GOTLossConfig
 from volta.data.batch import EvalBatch
 from volta.eval.grounding import (
     GroundingTally,
@@ -124,7 +124,7 @@ def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> 
     outputs = VoLTAOutputs(
         torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
     )
-    results = ground_batch(None, batch, outputs, LossConfig())  # type: ignore[arg-type]
+    results = ground_batch(None, batch, outputs, GOTLossConfig())  # type: ignore[arg-type]
     # Special tokens and padding never get mass (docs/method.md defect 2).
     assert seen["text_mask"].tolist() == [[False] + [True] * 7 + [False, False]]
     by_phrase = {r.phrase: r for r in results if r.word is None}
@@ -167,7 +167,7 @@ def test_special_tokens_get_mass_when_configured(monkeypatch: pytest.MonkeyPatch
     outputs = VoLTAOutputs(
         torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
     )
-    ground_batch(None, _batch(), outputs, LossConfig(got_include_special_tokens=True))  # type: ignore[arg-type]
+    ground_batch(None, _batch(), outputs, GOTLossConfig(include_special_tokens=True))  # type: ignore[arg-type]
     assert seen["text_mask"].tolist() == [[True] * 9 + [False]]
 
 
@@ -182,16 +182,16 @@ def test_pointing_reads_an_unpruned_first_iterate_plan_by_default(monkeypatch: p
     from volta.config import EvalConfig, VoltaConfig
     from volta.eval import validate
 
-    loss = LossConfig(prune_fraction=0.2, ipot_iters=30)
-    default = EvalConfig().grounding_loss(loss)
+    loss = GOTLossConfig(prune_fraction=0.2, ipot_iters=30)
+    default = EvalConfig().grounding_got(loss)
     assert (default.prune_fraction, default.ipot_iters) == (0.0, 1)
     assert default.model_dump() == loss.model_dump() | {
         "prune_fraction": 0.0,
         "ipot_iters": 1,
     }  # nothing else
-    assert EvalConfig(grounding_prune_fraction=None, grounding_ipot_iters=None).grounding_loss(loss) is loss
-    assert EvalConfig(grounding_prune_fraction=0.3).grounding_loss(loss).prune_fraction == 0.3
-    assert EvalConfig(grounding_ipot_iters=None).grounding_loss(loss).ipot_iters == 30
+    assert EvalConfig(grounding_prune_fraction=None, grounding_ipot_iters=None).grounding_got(loss) is loss
+    assert EvalConfig(grounding_prune_fraction=0.3).grounding_got(loss).prune_fraction == 0.3
+    assert EvalConfig(grounding_ipot_iters=None).grounding_got(loss).ipot_iters == 30
     # the validation pass hands the evaluation's settings to the pointing game
     seen: list[tuple[float, int]] = []
     monkeypatch.setattr(
@@ -199,13 +199,13 @@ def test_pointing_reads_an_unpruned_first_iterate_plan_by_default(monkeypatch: p
         "ground_batch",
         lambda m, b, o, settings: seen.append((settings.prune_fraction, settings.ipot_iters)) or [],
     )
-    monkeypatch.setattr(validate, "build_eval_loader", lambda *a, **k: None)
+    monkeypatch.setattr(validate, "build_config_eval_loader", lambda *a, **k: None)
     monkeypatch.setattr(
         validate, "extract_features", lambda m, loader, device, on_batch: on_batch(None, None)
     )
     cfg = VoltaConfig.model_validate(
         {
-            "loss": {"prune_fraction": 0.2},
+            "loss": {"got": {"prune_fraction": 0.2}},
             "eval": {"grounding_prune_fraction": 0.05, "grounding_ipot_iters": 7},
         }
     )

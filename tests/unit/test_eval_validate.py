@@ -75,7 +75,7 @@ def test_transport_plans_follow_the_got_marginals(assets: EvalAssets) -> None:
     with torch.no_grad():
         out = model(images, ids, attention, fusion=False)
         mask = got_text_mask(attention, special)
-        plan = transport_plans(model, out, mask, assets.config.loss)  # (B, P, T)
+        plan = transport_plans(model, out, mask, assets.config.loss.got)  # (B, P, T)
     assert plan.shape == (b, out.image_tokens.shape[1], t)
     assert torch.all(plan[~mask.unsqueeze(1).expand_as(plan)] == 0)
     col = plan.sum(dim=1)  # (B, T)

@@ -32,18 +32,18 @@ def test_each_dimension_type_becomes_the_matching_tune_domain() -> None:
     space = sw.search_space(
         _sweep(
             **{
-                "loss.wd_weight": {"type": "uniform", "low": 0.1, "high": 0.5},
+                "loss.got.wd_weight": {"type": "uniform", "low": 0.1, "high": 0.5},
                 "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
                 "model.fusion_depth": {"type": "int", "low": 1, "high": 3},
-                "loss.prune_scope": {"type": "choice", "values": ["sample", "batch"]},
+                "loss.got.prune_scope": {"type": "choice", "values": ["sample", "batch"]},
             }
         )
     )
     wd, lr, depth, scope = (
-        space["loss.wd_weight"],
+        space["loss.got.wd_weight"],
         space["optim.lr"],
         space["model.fusion_depth"],
-        space["loss.prune_scope"],
+        space["loss.got.prune_scope"],
     )
     assert isinstance(wd, Float) and (wd.lower, wd.upper) == (0.1, 0.5)
     assert type(wd.get_sampler()).__name__ == "_Uniform"
@@ -61,22 +61,22 @@ def test_grid_expands_choices_and_int_ranges() -> None:
             "algorithm": "grid",
             "space": {
                 "model.fusion_depth": {"type": "int", "low": 2, "high": 4},
-                "loss.got_weight": {"type": "choice", "values": [1.0, 10.0]},
+                "loss.got.weight": {"type": "choice", "values": [1.0, 10.0]},
             },
         }
     )
     space = sw.search_space(sweep)
     assert space["model.fusion_depth"] == tune.grid_search([2, 3, 4])
-    assert space["loss.got_weight"] == tune.grid_search([1.0, 10.0])
+    assert space["loss.got.weight"] == tune.grid_search([1.0, 10.0])
 
 
 @pytest.mark.parametrize("kind", ["uniform", "loguniform"])
 def test_grid_rejects_continuous_dimensions_naming_the_field(kind: str) -> None:
     sweep = SweepConfig.model_validate(
-        {"algorithm": "grid", "space": {"loss.wd_weight": {"type": kind, "low": 0.1, "high": 1.0}}}
+        {"algorithm": "grid", "space": {"loss.got.wd_weight": {"type": kind, "low": 0.1, "high": 1.0}}}
     )
     with pytest.raises(
-        sw.SweepError, match=r"sweep\.space\.loss\.wd_weight: a continuous .* cannot be gridded"
+        sw.SweepError, match=r"sweep\.space\.loss\.got\.wd_weight: a continuous .* cannot be gridded"
     ):
         sw.search_space(sweep)
 
@@ -110,17 +110,17 @@ def test_validate_sweep_checks_every_value_metric_and_grace_period() -> None:
 def test_trial_config_applies_values_and_names_the_run_after_the_trial() -> None:
     config = _demo()
     base = config.model_dump(mode="json")
-    values = {"model.fusion_depth": np.int64(1), "loss.got_weight": np.float64(12.5)}
+    values = {"model.fusion_depth": np.int64(1), "loss.got.weight": np.float64(12.5)}
     trial = sw.trial_config(base, values, "ab12cd34_00003")
     assert trial.model.fusion_depth == 1 and type(trial.model.fusion_depth) is int
-    assert trial.loss.got_weight == 12.5
+    assert trial.loss.got.weight == 12.5
     assert trial.ray.run_name == "sweep-demo-ab12cd34_00003"
     assert trial.storage.path == "runs/sweep-demo/ray/sweep-demo/runs"
     assert trial.tracking.tags["volta.sweep"] == "sweep-demo"
     assert trial.tracking.tags["volta.trial_id"] == "ab12cd34_00003"
     assert trial.tracking.tags["volta.sweep_dims"].split(",") == sorted(config.sweep.space)
     # Everything else is the base recipe, which is left untouched.
-    assert trial.loss.wd_weight == config.loss.wd_weight and trial.train == config.train
+    assert trial.loss.got.wd_weight == config.loss.got.wd_weight and trial.train == config.train
     assert base["model"]["fusion_depth"] == config.model.fusion_depth
     assert base["ray"]["run_name"] == "volta-sweep-demo"
 
@@ -140,11 +140,13 @@ def test_trial_config_rejects_values_that_break_the_recipe() -> None:
 
 def test_best_recipe_is_written_validated_and_ready_to_run(tmp_path: Path) -> None:
     config = _demo()
-    best = sw.best_recipe(config.model_dump(mode="json"), {"model.fusion_depth": 1, "loss.wd_weight": 0.3})
+    best = sw.best_recipe(
+        config.model_dump(mode="json"), {"model.fusion_depth": 1, "loss.got.wd_weight": 0.3}
+    )
     path = sw.write_best_recipe(best, tmp_path / "s" / "best-recipe.yaml")
     again = load_config(path)
     assert again == best
-    assert again.model.fusion_depth == 1 and again.loss.wd_weight == 0.3
+    assert again.model.fusion_depth == 1 and again.loss.got.wd_weight == 0.3
     assert again.sweep == SweepConfig()  # a plain pre-training recipe
     assert again.ray.run_name == "sweep-demo-best" and again.storage.path == config.storage.path
     assert again.data == config.data and again.train == config.train
@@ -218,7 +220,7 @@ def _result(name: str, step: int | None, value: float | None, error: Exception |
         path=f"/x/sweep-demo/{name}",
         metrics=metrics,
         error=error,
-        config={"loss.got_weight": np.float64(2.0)},
+        config={"loss.got.weight": np.float64(2.0)},
     )
 
 
@@ -239,7 +241,7 @@ def test_summarize_ranks_trials_and_labels_early_stops() -> None:
     )
     assert summary["counts"] == {"finished": 2, "early_stopped": 1, "error": 1}
     assert summary["best"]["run_name"] == "sweep-demo-a_00001"  # mode min
-    assert summary["best"]["values"] == {"loss.got_weight": 2.0}
+    assert summary["best"]["values"] == {"loss.got.weight": 2.0}
     flipped = sw.summarize(_demo("sweep.metric=train/mlm_loss", "sweep.mode=max"), results, steps=8)
     assert flipped["best"]["run_name"] == "sweep-demo-a_00000"
 

@@ -64,7 +64,7 @@ def test_weight_zero_switches_a_term_off_without_computing_it(
         term
     ]
     monkeypatch.setattr(task_mod, target, boom)
-    task = _task(f"loss.{term}_weight=0")
+    task = _task(f"loss.{term}.weight=0")
     out = task(make_batch(tiny_config()))
     assert f"{term}_loss" not in out
     assert torch.isfinite(out["loss"])
@@ -75,7 +75,7 @@ def test_weights_scale_their_terms() -> None:
     base = _task()
     torch.manual_seed(3)
     a = base(batch)
-    doubled = _task("loss.got_weight=200", "loss.mlm_weight=2")
+    doubled = _task("loss.got.weight=200", "loss.mlm.weight=2")
     torch.manual_seed(3)
     b = doubled(batch)
     assert torch.allclose(b["got_loss"], 2 * a["got_loss"], rtol=1e-5)
@@ -127,17 +127,17 @@ def test_caption_of_only_specials_is_finite() -> None:
 
 def test_got_contrastive_term_is_added_inside_the_got_term() -> None:
     batch = make_batch(tiny_config())
-    plain, contrast = _task(), _task("loss.got_contrastive_weight=0.5")
+    plain, contrast = _task(), _task("loss.got.contrastive.weight=0.5")
     torch.manual_seed(3)
     a = plain(batch)
     torch.manual_seed(3)
     b = contrast(batch)
     assert "got_nce" not in a and "got_nce_acc" not in a
     assert b["got_nce"] > 0 and 0 <= b["got_nce_acc"] <= 1
-    weight = contrast.loss_cfg.got_weight * 0.5
+    weight = contrast.loss_cfg.got.weight * 0.5
     torch.testing.assert_close(b["got_loss"], a["got_loss"] + weight * b["got_nce"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b["loss"] - b["got_loss"], a["loss"] - a["got_loss"], rtol=1e-5, atol=1e-4)
-    off = _task("loss.got_contrastive_weight=0.5", "loss.got_weight=0")(batch)
+    off = _task("loss.got.contrastive.weight=0.5", "loss.got.weight=0")(batch)
     assert "got_nce" not in off and "got_loss" not in off
 
 
@@ -145,7 +145,7 @@ def test_hard_itm_negatives_are_drawn_from_the_projection_similarity(monkeypatch
     """The backbones' global features differ in width (debug: 256 vs 64); the BT projections share one space."""
     import volta.task as task_mod
 
-    task = _task("loss.itm_negatives=hard")
+    task = _task("loss.itm.negatives=hard")
     assert task.model.image_encoder.out_dim != task.model.text_encoder.width
     batch = make_batch(tiny_config())
     seen: list[torch.Tensor] = []

@@ -118,7 +118,7 @@ def build_train_loader(
         batch_size=config.train.micro_batch_size,
         batches_per_epoch=batches_per_epoch(config, world_size),
         max_length=config.model.text.max_length,
-        mlm_probability=config.loss.mlm_probability,
+        mlm_probability=config.loss.mlm.probability,
         seed=config.train.seed,
         epoch=epoch,
         rank=rank,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from volta.config import LossConfig
+from volta.config import GOTLossConfig
 from volta.data.batch import EvalBatch
 from volta.losses.got import got_loss
 from volta.models.volta_model import VoLTAModel, VoLTAOutputs
@@ -177,7 +177,9 @@ def got_text_mask(
     return real if include_special else real & ~special_tokens_mask.bool()
 
 
-def transport_plans(model: VoLTAModel, outputs: VoLTAOutputs, text_mask: Tensor, loss: LossConfig) -> Tensor:
+def transport_plans(
+    model: VoLTAModel, outputs: VoLTAOutputs, text_mask: Tensor, got: GOTLossConfig
+) -> Tensor:
     """GOT transport plans ``(B, P, T)`` (float32) between image patches and caption tokens, as in training.
 
     Uses the model's GOT projectors and :func:`~volta.losses.got.got_loss` with the ``loss`` settings;
@@ -189,7 +191,7 @@ def transport_plans(model: VoLTAModel, outputs: VoLTAOutputs, text_mask: Tensor,
         g.text,
         g.image_mask,
         text_mask.to(g.text.device) & g.text_mask,
-        **loss.got_kwargs(),
+        **got.kwargs(),
     )
     return res["plan"].float()  # (B, P, T)
 
@@ -209,7 +211,7 @@ class PhraseResult:
 
 
 def ground_batch(
-    model: VoLTAModel, batch: EvalBatch, outputs: VoLTAOutputs, loss: LossConfig
+    model: VoLTAModel, batch: EvalBatch, outputs: VoLTAOutputs, got: GOTLossConfig
 ) -> list[PhraseResult]:
     """Play the pointing game on every groundable phrase of ``batch`` from the model's dual-encoder ``outputs``.
 
@@ -221,7 +223,7 @@ def ground_batch(
     if not rows:
         return []
     text_mask = got_text_mask(
-        batch.attention_mask, batch.special_tokens_mask, include_special=loss.got_include_special_tokens
+        batch.attention_mask, batch.special_tokens_mask, include_special=got.include_special_tokens
     )
     if len(rows) < batch.batch_size:
         index = torch.tensor(rows, device=outputs.image_tokens.device)
@@ -229,7 +231,7 @@ def ground_batch(
             outputs.image_tokens[index], outputs.text_tokens[index], outputs.text_mask[index], outputs.fused
         )
         text_mask = text_mask[rows]
-    plans = transport_plans(model, outputs, text_mask, loss).cpu()  # (R, P, T)
+    plans = transport_plans(model, outputs, text_mask, got).cpu()  # (R, P, T)
     grid = grid_shape(plans.shape[1])
     center = center_patch_index(grid)
     results: list[PhraseResult] = []

@@ -216,11 +216,13 @@ def batch_heatmap_rows(
     ``batch.orig_sizes``); ``boxes`` default to the samples' JSON boxes, in the pictures' pixel frame.
     """
     text_mask = got_text_mask(
-        batch.attention_mask, batch.special_tokens_mask, include_special=cfg.loss.got_include_special_tokens
+        batch.attention_mask, batch.special_tokens_mask, include_special=cfg.loss.got.include_special_tokens
     )
     with evaluating(model):
         out = forward_dual(model, batch, device)
-        plans = transport_plans(model, out, text_mask, cfg.eval.grounding_loss(cfg.loss)).cpu()  # (B, P, T)
+        plans = transport_plans(
+            model, out, text_mask, cfg.eval.grounding_got(cfg.loss.got)
+        ).cpu()  # (B, P, T)
     rows = []
     for i in range(batch.batch_size):
         if pictures is not None:

@@ -55,7 +55,7 @@ def evaluate_pass(
 
     def on_batch(batch: EvalBatch, outputs: VoLTAOutputs) -> None:
         if grounding:
-            tally.add(ground_batch(model, batch, outputs, cfg.eval.grounding_loss(cfg.loss)))
+            tally.add(ground_batch(model, batch, outputs, cfg.eval.grounding_got(cfg.loss.got)))
 
     features = extract_features(model, loader, device=device, on_batch=on_batch)
     return EvalPass(features, tally)
