@@ -110,7 +110,7 @@ def run(
     """
     from moto.server import ThreadedMotoServer
 
-    from volta.data.s3 import make_s3_client
+    from volta.data.s3 import S3Location, make_s3_client
 
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -125,7 +125,7 @@ def run(
         try:
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
-            client = make_s3_client(endpoint, "us-east-1")
+            client = make_s3_client(S3Location(endpoint, "us-east-1"))
             client.create_bucket(Bucket="bench")
             for path in sorted(folder.iterdir()):
                 client.upload_file(str(path), "bench", f"shards/{path.name}")

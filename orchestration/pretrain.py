@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,16 @@ def storage_target(config: VoltaConfig) -> tuple[str, Any]:
         return str(Path(path).expanduser().resolve()), None
     from pyarrow import fs
 
-    from volta.data.s3 import resolve_endpoint
+    from volta.data.s3 import S3Location
 
-    endpoint = resolve_endpoint(config.storage.endpoint_url)
-    kwargs: dict[str, Any] = {}
-    if endpoint:
+    s3 = S3Location.from_storage(config.storage)
+    # The storage's retry policy (pyarrow has no adaptive mode: standard backoff with the same attempts).
+    kwargs: dict[str, Any] = {"retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts)}
+    if region := s3.region_name(default=None):
+        kwargs["region"] = region
+    if endpoint := s3.endpoint():
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    region = config.storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
     # Credentials are not passed: every process resolves them from the standard AWS chain (never pickled or logged).
     return path.removeprefix("s3://").rstrip("/"), fs.S3FileSystem(**kwargs)
 
@@ -67,11 +68,11 @@ def preflight(config: VoltaConfig) -> None:
     """Check storage, shards and tokenizer before Ray starts; raise PreflightError with one line naming the field."""
     path = config.storage.path
     if path.startswith("s3://"):
-        from volta.data.s3 import make_s3_client, split_s3_url
+        from volta.data.s3 import S3Location, make_s3_client, split_s3_url
 
         bucket, _ = split_s3_url(path)
         try:
-            make_s3_client(config.storage.endpoint_url, config.storage.region, max_attempts=2).head_bucket(
+            make_s3_client(replace(S3Location.from_storage(config.storage), max_attempts=2)).head_bucket(
                 Bucket=bucket
             )
         except Exception as err:

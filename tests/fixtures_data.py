@@ -164,9 +164,9 @@ def moto_endpoint(aws_env: None) -> Iterator[str]:
 
 def upload_folder(endpoint: str, folder: Path, bucket: str, prefix: str) -> None:
     """Upload every file of ``folder`` to ``s3://bucket/prefix/`` (creating the bucket if needed)."""
-    from volta.data.s3 import make_s3_client
+    from volta.data.s3 import S3Location, make_s3_client
 
-    client = make_s3_client(endpoint, "us-east-1")
+    client = make_s3_client(S3Location(endpoint, "us-east-1"))
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         client.create_bucket(Bucket=bucket)

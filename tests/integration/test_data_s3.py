@@ -17,6 +17,7 @@ from volta.config import StorageConfig
 from volta.data.batch import VoltaBatch
 from volta.data.factory import batches_per_epoch, build_train_loader, dataset_size
 from volta.data.pipeline import SkipCounter, iter_shard_samples
+from volta.data.s3 import S3Location
 from volta.data.s3_opener import S3ObjectReader
 from volta.data.shards import DatasetSizeError, resolve_shards
 
@@ -48,7 +49,7 @@ def _config(url: str, endpoint: str, **data: Any) -> Any:
 
 def test_listing_patterns_and_manifest_on_s3(s3_dataset: tuple[str, list[str]], moto_endpoint: str) -> None:
     url, _ = s3_dataset
-    shards = resolve_shards(url, endpoint_url=moto_endpoint)
+    shards = resolve_shards(url, s3=S3Location(moto_endpoint))
     assert shards == [f"{url}/{i:05d}.tar" for i in range(N_SHARDS)]
     assert resolve_shards(f"{url}/{{00002..00004}}.tar") == shards[2:5]
     storage = StorageConfig(endpoint_url=moto_endpoint)
@@ -98,14 +99,16 @@ def test_reads_survive_503s_and_broken_connections(
     s3_dataset: tuple[str, list[str]], moto_endpoint: str, fault_proxy: FaultProxy, tiny_tokenizer: Any
 ) -> None:
     url, keys = s3_dataset
-    shards = resolve_shards(url, endpoint_url=moto_endpoint)
+    shards = resolve_shards(url, s3=S3Location(moto_endpoint))
     clean = SkipCounter()
     clean_keys = Counter(
-        s["__key__"] for u in shards for s in iter_shard_samples(u, clean, endpoint_url=moto_endpoint)
+        s["__key__"] for u in shards for s in iter_shard_samples(u, clean, s3=S3Location(moto_endpoint))
     )
     faulty = SkipCounter()
     proxied = Counter(
-        s["__key__"] for u in shards for s in iter_shard_samples(u, faulty, endpoint_url=fault_proxy.endpoint)
+        s["__key__"]
+        for u in shards
+        for s in iter_shard_samples(u, faulty, s3=S3Location(fault_proxy.endpoint))
     )
     assert fault_proxy.errors_503 >= N_SHARDS // 2 and fault_proxy.cuts >= 2  # faults really happened
     assert proxied == clean_keys == Counter(keys)  # nothing lost, nothing duplicated
@@ -124,9 +127,9 @@ def test_reader_resumes_at_the_byte_offset(
     from volta.data.s3 import make_s3_client, split_s3_url
 
     bucket, key = split_s3_url(f"{url}/00003.tar")
-    expected = make_s3_client(moto_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+    expected = make_s3_client(S3Location(moto_endpoint)).get_object(Bucket=bucket, Key=key)["Body"].read()
     for _ in range(3):  # three passes meet every phase of the proxy's fault cycle
-        reader = S3ObjectReader(f"{url}/00003.tar", endpoint_url=fault_proxy.endpoint)
+        reader = S3ObjectReader(f"{url}/00003.tar", s3=S3Location(fault_proxy.endpoint))
         chunks = []
         while chunk := reader.read(4096):
             chunks.append(chunk)

@@ -404,6 +404,10 @@ class StorageConfig(_Section):
     path: str = "runs/ray"
     endpoint_url: str | None = None
     region: str | None = None
+    # One retry policy for every S3 client (shards, manifests, uploads, checkpoints): attempts per request, and
+    # botocore's mode (adaptive also backs off on throttling; pyarrow's checkpoint client uses standard).
+    s3_max_attempts: int = Field(10, ge=1)
+    s3_retry_mode: Literal["standard", "adaptive"] = "adaptive"
 
     @field_validator("endpoint_url")
     @classmethod

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from volta.commands import non_negative_int, positive_int
+from volta.data.s3 import S3Location
 from volta.errors import UsageError
 
 
@@ -113,7 +114,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     try:
         with _progress(total, "B", "upload") as step:
             report = upload_dataset(
-                folder, args.url, endpoint_url=args.endpoint_url, region=args.region, progress=step
+                folder, args.url, s3=S3Location(args.endpoint_url, args.region), progress=step
             )
     except FileNotFoundError as err:
         raise UsageError(str(err)) from err
@@ -141,7 +142,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 args.path,
                 limit=args.limit,
                 grid_path=args.grid,
-                endpoint_url=args.endpoint_url,
+                s3=S3Location(args.endpoint_url),
                 progress=step,
             )
     except FileNotFoundError as err:

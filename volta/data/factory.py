@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from volta.config import StorageConfig, VoltaConfig
 from volta.data.batch import EvalBatch, VoltaBatch
 from volta.data.pipeline import EvalReader, TrainStream
+from volta.data.s3 import S3Location
 from volta.data.shards import DatasetSizeError, count_samples, resolve_shards
 from volta.data.views import ImageViews, TextViews
 
@@ -43,8 +44,8 @@ def dataset_size(shards: str | Sequence[str], storage: StorageConfig) -> int:
 
     Raises :class:`~volta.data.shards.DatasetSizeError` naming ``data.samples_per_epoch`` when there is none.
     """
-    urls = resolve_shards(shards, endpoint_url=storage.endpoint_url, region=storage.region)
-    return count_samples(urls, endpoint_url=storage.endpoint_url, region=storage.region)
+    s3 = S3Location.from_storage(storage)
+    return count_samples(resolve_shards(shards, s3=s3), s3=s3)
 
 
 def samples_per_epoch(config: VoltaConfig) -> int:
@@ -99,8 +100,8 @@ def build_train_loader(
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     data, views = config.data, config.data.views
-    storage = config.storage
-    shards = resolve_shards(data.train_shards, endpoint_url=storage.endpoint_url, region=storage.region)
+    s3 = S3Location.from_storage(config.storage)
+    shards = resolve_shards(data.train_shards, s3=s3)
     stream = TrainStream(
         shards,
         tokenizer=tokenizer,
@@ -127,8 +128,7 @@ def build_train_loader(
         start_batch=start_batch,
         shuffle_buffer=data.shuffle_buffer,
         max_image_pixels=data.max_image_pixels,
-        endpoint_url=storage.endpoint_url,
-        region=storage.region,
+        s3=s3,
     )
     log.info(
         "train loader: rank %d/%d epoch %d, %d shards, %d batches of %d from batch %d, %d workers",
@@ -162,8 +162,7 @@ def build_eval_loader(
     max_length: int,
     batch_size: int,
     max_samples: int | None = None,
-    endpoint_url: str | None = None,
-    region: str | None = None,
+    s3: S3Location | None = None,
     max_image_pixels: int = 50_000_000,
 ) -> Iterable[EvalBatch]:
     """Evaluation batches over ``shards`` (any form :func:`~volta.data.shards.resolve_shards` takes).
@@ -172,7 +171,7 @@ def build_eval_loader(
     ``max_samples``; images resized whole to ``image_size`` squares, captions with token character offsets.
     Iterating it again reads the shards again.
     """
-    urls = resolve_shards(shards, endpoint_url=endpoint_url, region=region)
+    urls = resolve_shards(shards, s3=s3)
     return EvalReader(
         urls,
         tokenizer,
@@ -181,8 +180,7 @@ def build_eval_loader(
         batch_size=batch_size,
         max_samples=max_samples,
         max_image_pixels=max_image_pixels,
-        endpoint_url=endpoint_url,
-        region=region,
+        s3=s3,
     )
 
 
@@ -206,7 +204,6 @@ def build_config_eval_loader(
         max_length=config.model.text.max_length,
         batch_size=batch_size or config.eval.batch_size,
         max_samples=max_samples,
-        endpoint_url=config.storage.endpoint_url,
-        region=config.storage.region,
+        s3=S3Location.from_storage(config.storage),
         max_image_pixels=config.data.max_image_pixels,
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from volta.data.s3 import S3Location
 from volta.data.writers import IMAGE_EXTENSIONS, SIZES_FILE
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RawSample:
 
 
 # ---------------------------------------------------------------------------------------------- locations
-def list_shards(path: str, *, endpoint_url: str | None = None) -> list[str]:
+def list_shards(path: str, *, s3: S3Location | None = None) -> list[str]:
     """The ``.tar`` shards of a location, sorted: a local folder, one local tar, or ``s3://bucket/prefix``.
 
     Raises ``FileNotFoundError`` when the location holds no shard.
@@ -72,7 +73,7 @@ def list_shards(path: str, *, endpoint_url: str | None = None) -> list[str]:
         if key.endswith(".tar"):
             return [path]
         prefix = key.rstrip("/") + "/" if key else ""
-        client = make_s3_client(endpoint_url)
+        client = make_s3_client(s3)
         names = []
         for page in client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, Delimiter="/"
@@ -92,7 +93,7 @@ def list_shards(path: str, *, endpoint_url: str | None = None) -> list[str]:
     return shards
 
 
-def read_manifest(path: str, *, endpoint_url: str | None = None) -> dict[str, int] | None:
+def read_manifest(path: str, *, s3: S3Location | None = None) -> dict[str, int] | None:
     """The ``sizes.json`` next to the shards of a location, or None when absent or unreadable."""
     try:
         if path.startswith("s3://"):
@@ -100,9 +101,7 @@ def read_manifest(path: str, *, endpoint_url: str | None = None) -> dict[str, in
 
             bucket, key = split_s3_url(path)
             key = key.rsplit("/", 1)[0] if key.endswith(".tar") else key.rstrip("/")
-            body = make_s3_client(endpoint_url).get_object(
-                Bucket=bucket, Key=f"{key}/{SIZES_FILE}".lstrip("/")
-            )
+            body = make_s3_client(s3).get_object(Bucket=bucket, Key=f"{key}/{SIZES_FILE}".lstrip("/"))
             data = json.loads(body["Body"].read())
         else:
             folder = Path(path).parent if path.endswith(".tar") else Path(path)
@@ -112,12 +111,12 @@ def read_manifest(path: str, *, endpoint_url: str | None = None) -> dict[str, in
     return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else None
 
 
-def _open_shard(url: str, endpoint_url: str | None) -> BinaryIO:
+def _open_shard(url: str, s3: S3Location | None) -> BinaryIO:
     if url.startswith("s3://"):
         from volta.data.s3 import make_s3_client, split_s3_url
 
         bucket, key = split_s3_url(url)
-        body: BinaryIO = make_s3_client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+        body: BinaryIO = make_s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"]
         return body
     return open(url, "rb")
 
@@ -133,7 +132,7 @@ def _split_name(name: str) -> tuple[str, str]:
 def iter_raw_samples(
     path: str,
     *,
-    endpoint_url: str | None = None,
+    s3: S3Location | None = None,
     on_shard_error: Callable[[str, Exception], None] | None = None,
 ) -> Iterator[RawSample]:
     """Yield every sample of a location's shards in order, grouping consecutive tar members by key.
@@ -141,11 +140,11 @@ def iter_raw_samples(
     A shard that cannot be read to its end (truncated, not a tar) ends early; ``on_shard_error`` is told which
     and why (default: a warning in the log).
     """
-    for url in list_shards(path, endpoint_url=endpoint_url):
+    for url in list_shards(path, s3=s3):
         shard = url.rsplit("/", 1)[-1]
         current: RawSample | None = None
         try:
-            with _open_shard(url, endpoint_url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            with _open_shard(url, s3) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -166,9 +165,9 @@ def iter_raw_samples(
             yield current
 
 
-def iter_captions(path: str | Path, *, endpoint_url: str | None = None) -> Iterator[str]:
+def iter_captions(path: str | Path, *, s3: S3Location | None = None) -> Iterator[str]:
     """Yield the UTF-8 captions (``.txt`` members) of a shard location in order, skipping undecodable ones."""
-    for sample in iter_raw_samples(str(path), endpoint_url=endpoint_url):
+    for sample in iter_raw_samples(str(path), s3=s3):
         try:
             caption = sample.members.get("txt", b"").decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -259,7 +258,7 @@ def inspect_shards(
     limit: int | None = None,
     grid_path: str | Path | None = None,
     grid_samples: int = 16,
-    endpoint_url: str | None = None,
+    s3: S3Location | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Read a shard location and return a JSON-ready summary; optionally draw a grid of good samples.
@@ -269,7 +268,7 @@ def inspect_shards(
     ``unreadable_shard``) and up to 100 problem samples by shard and key. ``limit`` stops after that many
     samples.
     """
-    manifest = read_manifest(path, endpoint_url=endpoint_url)
+    manifest = read_manifest(path, s3=s3)
     per_shard: Counter[str] = Counter()
     problems: Counter[str] = Counter()
     listed: list[dict[str, Any]] = []
@@ -283,7 +282,7 @@ def inspect_shards(
         problems["unreadable_shard"] += 1
 
     total = 0
-    for sample in iter_raw_samples(path, endpoint_url=endpoint_url, on_shard_error=shard_error):
+    for sample in iter_raw_samples(path, s3=s3, on_shard_error=shard_error):
         if limit is not None and total >= limit:
             break
         total += 1
@@ -301,7 +300,7 @@ def inspect_shards(
             grid.append((image, caption or "", sample_boxes))
         if progress is not None:
             progress(1)
-    shard_names = [u.rsplit("/", 1)[-1] for u in list_shards(path, endpoint_url=endpoint_url)]
+    shard_names = [u.rsplit("/", 1)[-1] for u in list_shards(path, s3=s3)]
     shards = []
     for name in shard_names:
         entry: dict[str, Any] = {"name": name, "samples": per_shard.get(name, 0)}

@@ -45,6 +45,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from volta.data.batch import EvalBatch, EvalCollate, TrainCollate, VoltaBatch, image_id
+from volta.data.s3 import S3Location
 from volta.data.shards import open_shard
 from volta.data.views import ImageViews, TextViews, eval_image_transform
 
@@ -101,7 +102,7 @@ class SkipCounter:
 
 # ------------------------------------------------------------------------------------------------ reading
 def iter_shard_samples(
-    url: str, counter: SkipCounter, *, endpoint_url: str | None = None, region: str | None = None
+    url: str, counter: SkipCounter, *, s3: S3Location | None = None
 ) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of one shard (``{"__key__", "__url__", "<ext>": bytes, ...}``) in tar order.
 
@@ -115,7 +116,7 @@ def iter_shard_samples(
     previous: frozenset[str] | None = None
     pending: dict[str, Any] | None = None
     try:
-        with open_shard(url, endpoint_url=endpoint_url, region=region) as stream:
+        with open_shard(url, s3=s3) as stream:
             for sample in group_by_keys(_files_until_error(stream, url, errors)):
                 if pending is not None:
                     yielded += 1
@@ -261,8 +262,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
         start_batch: int = 0,
         shuffle_buffer: int = 1000,
         max_image_pixels: int = 50_000_000,
-        endpoint_url: str | None = None,
-        region: str | None = None,
+        s3: S3Location | None = None,
     ) -> None:
         super().__init__()
         if not shards:
@@ -285,8 +285,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
         self.start_batch = start_batch
         self.shuffle_buffer = shuffle_buffer
         self.max_image_pixels = max_image_pixels
-        self.endpoint_url = endpoint_url
-        self.region = region
+        self.s3 = s3
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -295,7 +294,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
         empty_in_row = 0
         for url in urls:
             found = 0
-            for raw in iter_shard_samples(url, counter, endpoint_url=self.endpoint_url, region=self.region):
+            for raw in iter_shard_samples(url, counter, s3=self.s3):
                 checked = check_sample(raw, counter, max_image_pixels=self.max_image_pixels)
                 if checked is not None:
                     found += 1
@@ -402,8 +401,7 @@ class EvalReader:
         batch_size: int,
         max_samples: int | None = None,
         max_image_pixels: int = 50_000_000,
-        endpoint_url: str | None = None,
-        region: str | None = None,
+        s3: S3Location | None = None,
     ) -> None:
         self.shards = list(shards)
         self.image_size = image_size
@@ -412,13 +410,12 @@ class EvalReader:
         self.batch_size = batch_size
         self.max_samples = max_samples
         self.max_image_pixels = max_image_pixels
-        self.endpoint_url = endpoint_url
-        self.region = region
+        self.s3 = s3
         self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
 
     def _samples(self, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         for url in self.shards:
-            for raw in iter_shard_samples(url, counter, endpoint_url=self.endpoint_url, region=self.region):
+            for raw in iter_shard_samples(url, counter, s3=self.s3):
                 checked = check_sample(raw, counter, max_image_pixels=self.max_image_pixels)
                 if checked is None:
                     continue

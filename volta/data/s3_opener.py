@@ -20,7 +20,7 @@ from typing import Any
 
 import webdataset
 
-from volta.data.s3 import make_s3_client, split_s3_url
+from volta.data.s3 import S3Location, make_s3_client, split_s3_url
 
 __all__ = ["S3ObjectReader", "gopen_s3", "open_s3"]
 
@@ -70,15 +70,13 @@ class S3ObjectReader(io.RawIOBase):
         self,
         url: str,
         *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
+        s3: S3Location | None = None,
         max_resumes: int = _MAX_RESUMES_WITHOUT_PROGRESS,
     ) -> None:
         super().__init__()
         self.url = url
         self.bucket, self.key = split_s3_url(url)
-        self._endpoint_url = endpoint_url
-        self._region = region
+        self._s3 = s3
         self._max_resumes = max_resumes
         self._body: Any = None
         self._pos = 0
@@ -93,7 +91,7 @@ class S3ObjectReader(io.RawIOBase):
         return self._pos
 
     def _request(self) -> None:
-        client = make_s3_client(self._endpoint_url, self._region)
+        client = make_s3_client(self._s3)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if self._pos > 0:
             kwargs["Range"] = f"bytes={self._pos}-"
@@ -152,13 +150,9 @@ class S3ObjectReader(io.RawIOBase):
         super().close()
 
 
-def open_s3(
-    url: str, *, endpoint_url: str | None = None, region: str | None = None, buffer_size: int = _READ_BUFFER
-) -> io.BufferedReader:
+def open_s3(url: str, *, s3: S3Location | None = None, buffer_size: int = _READ_BUFFER) -> io.BufferedReader:
     """Open ``s3://bucket/key`` for streaming reads: a buffered :class:`S3ObjectReader` (lazy, resumable)."""
-    return io.BufferedReader(
-        S3ObjectReader(url, endpoint_url=endpoint_url, region=region), buffer_size=buffer_size
-    )
+    return io.BufferedReader(S3ObjectReader(url, s3=s3), buffer_size=buffer_size)
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> io.BufferedReader:

@@ -17,7 +17,7 @@ from typing import IO
 import braceexpand
 
 from volta.data import s3_opener
-from volta.data.s3 import make_s3_client, split_s3_url
+from volta.data.s3 import S3Location, make_s3_client, split_s3_url
 
 __all__ = ["SIZES_FILE", "DatasetSizeError", "count_samples", "open_shard", "read_sizes", "resolve_shards"]
 
@@ -34,32 +34,30 @@ def _is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
-def _list_s3_tars(prefix_url: str, endpoint_url: str | None, region: str | None) -> list[str]:
+def _list_s3_tars(prefix_url: str, s3: S3Location | None) -> list[str]:
     bucket, prefix = split_s3_url(prefix_url)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = make_s3_client(endpoint_url, region)
+    client = make_s3_client(s3)
     keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
         keys.extend(obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".tar"))
     return [f"s3://{bucket}/{key}" for key in sorted(keys)]
 
 
-def _expand_one(spec: str, endpoint_url: str | None, region: str | None) -> list[str]:
+def _expand_one(spec: str, s3: S3Location | None) -> list[str]:
     if "{" in spec:
         return list(braceexpand.braceexpand(spec))
     if spec.endswith(".tar"):
         return [spec]
     if _is_s3(spec):
-        return _list_s3_tars(spec, endpoint_url, region)
+        return _list_s3_tars(spec, s3)
     folder = Path(spec)
     if not folder.is_dir():
         raise FileNotFoundError(f"{spec}: not a folder of .tar shards, a .tar file or a brace pattern")
     return [str(p) for p in sorted(folder.glob("*.tar"))]
 
 
-def resolve_shards(
-    spec: str | Sequence[str], *, endpoint_url: str | None = None, region: str | None = None
-) -> list[str]:
+def resolve_shards(spec: str | Sequence[str], *, s3: S3Location | None = None) -> list[str]:
     """Turn a shard location (or a list of them) into the explicit, ordered list of shard URLs.
 
     Each item may be a local folder (its ``*.tar`` files, sorted), a brace pattern (``dir/{00000..00009}.tar``,
@@ -69,7 +67,7 @@ def resolve_shards(
     items = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in items:
-        found = _expand_one(str(item), endpoint_url, region)
+        found = _expand_one(str(item), s3)
         if not found:
             raise FileNotFoundError(f"{item}: no .tar shards found")
         urls.extend(found)
@@ -79,10 +77,10 @@ def resolve_shards(
     return urls
 
 
-def open_shard(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> IO[bytes]:
+def open_shard(url: str, *, s3: S3Location | None = None) -> IO[bytes]:
     """Open one shard for streaming reads: a local file, or ``s3://`` through the resumable boto3 reader."""
     if _is_s3(url):
-        return s3_opener.open_s3(url, endpoint_url=endpoint_url, region=region)
+        return s3_opener.open_s3(url, s3=s3)
     return open(url, "rb", buffering=1 << 20)
 
 
@@ -90,14 +88,14 @@ def _parent(url: str) -> str:
     return posixpath.dirname(url) if _is_s3(url) else str(Path(url).parent)
 
 
-def _read_manifest(parent: str, endpoint_url: str | None, region: str | None) -> dict[str, int] | None:
+def _read_manifest(parent: str, s3: S3Location | None) -> dict[str, int] | None:
     if _is_s3(parent):
         from botocore.exceptions import ClientError
 
         bucket, prefix = split_s3_url(parent)
         key = posixpath.join(prefix, SIZES_FILE) if prefix else SIZES_FILE
         try:
-            body = make_s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)["Body"].read()
+            body = make_s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -116,9 +114,7 @@ def _read_manifest(parent: str, endpoint_url: str | None, region: str | None) ->
     return {str(k): int(v) for k, v in sizes.items()}
 
 
-def read_sizes(
-    urls: Sequence[str], *, endpoint_url: str | None = None, region: str | None = None
-) -> dict[str, int]:
+def read_sizes(urls: Sequence[str], *, s3: S3Location | None = None) -> dict[str, int]:
     """Sample count of every shard URL, from the ``sizes.json`` in each shard's folder (or S3 prefix).
 
     Raises :class:`DatasetSizeError` naming ``data.samples_per_epoch`` when a manifest or an entry is missing,
@@ -129,7 +125,7 @@ def read_sizes(
     for url in urls:
         parent = _parent(url)
         if parent not in manifests:
-            manifests[parent] = _read_manifest(parent, endpoint_url, region)
+            manifests[parent] = _read_manifest(parent, s3)
         manifest = manifests[parent]
         name = posixpath.basename(url)
         if manifest is None or name not in manifest:
@@ -143,6 +139,6 @@ def read_sizes(
     return sizes
 
 
-def count_samples(urls: Sequence[str], *, endpoint_url: str | None = None, region: str | None = None) -> int:
+def count_samples(urls: Sequence[str], *, s3: S3Location | None = None) -> int:
     """Total samples in the given shards according to their ``sizes.json`` manifests (see :func:`read_sizes`)."""
-    return sum(read_sizes(urls, endpoint_url=endpoint_url, region=region).values())
+    return sum(read_sizes(urls, s3=s3).values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from volta.data.s3 import S3Location
 from volta.errors import UsageError
 
 
@@ -13,10 +14,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from volta.data.tokenizer import train_bpe_tokenizer
 
     try:
-        list_shards(args.shards, endpoint_url=args.endpoint_url)
+        list_shards(args.shards, s3=S3Location(args.endpoint_url))
     except FileNotFoundError as err:
         raise UsageError(str(err)) from err
-    captions = list(iter_captions(args.shards, endpoint_url=args.endpoint_url))
+    captions = list(iter_captions(args.shards, s3=S3Location(args.endpoint_url)))
     if not captions:
         raise UsageError(f"{args.shards}: no readable captions to train on")
     tokenizer = train_bpe_tokenizer(captions, args.out, vocab_size=args.vocab_size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volta.data.s3 import make_s3_client, split_s3_url
+from volta.data.s3 import S3Location, make_s3_client, split_s3_url
 from volta.data.writers import SIZES_FILE
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def upload_dataset(
     local_dir: str | Path,
     s3_url: str,
     *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
+    s3: S3Location | None = None,
     multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
     part_size: int = DEFAULT_PART_SIZE,
     progress: Callable[[int], None] | None = None,
@@ -130,7 +129,7 @@ def upload_dataset(
     if files[-1].name != SIZES_FILE:
         log.warning("%s has no %s: readers will need data.samples_per_epoch", folder, SIZES_FILE)
     bucket, prefix = split_s3_url(s3_url.rstrip("/"))
-    client = make_s3_client(endpoint_url, region)
+    client = make_s3_client(s3)
     transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=part_size)
     report = UploadReport()
     for path in files:
