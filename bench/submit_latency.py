@@ -83,6 +83,18 @@ def free_agent_port_flags() -> list[str]:
     return [f"--{flag}={_free_port()}" for flag in flags]
 
 
+def ensure_auth_token() -> None:
+    """Make sure the local Ray token (``~/.ray/auth_token``) exists before ``ray start`` with token auth.
+
+    ``ray start`` refuses to create it ("Token authentication is enabled but no authentication token was found")
+    while ``ray.init`` would; on a fresh machine whichever ran first decided whether a head came up.
+    ``ray get-auth-token --generate`` creates it once and keeps an existing one.
+    """
+    subprocess.run(
+        [str(RAY), "get-auth-token", "--generate"], env=_env(), capture_output=True, check=True, timeout=60
+    )
+
+
 @contextlib.contextmanager
 def _token_auth_in_this_process() -> Iterator[None]:
     """RAY_AUTH_MODE=token for this process's job-server client while the block runs (restored after)."""
@@ -120,6 +132,7 @@ def local_head(num_cpus: int, temp_dir: Path, log_file: Path) -> Iterator[dict[s
         "--disable-usage-stats",
     ]
     cmd += free_agent_port_flags()
+    ensure_auth_token()
     start = time.time()
     with log_file.open("w") as sink:
         proc = subprocess.Popen(

@@ -29,6 +29,8 @@ if [[ "${VOLTA_NETNS:-}" != "1" ]]; then
   echo "note: not in a private network namespace; Ray may listen on this machine's addresses" >&2
 fi
 rm -rf "$RAY_DIR"
+# `ray start` with token auth needs ~/.ray/auth_token to exist already (it never creates one): make it once.
+"$BIN/ray" get-auth-token --generate >/dev/null
 "$BIN/ray" start --head --block --num-cpus 2 --port 6390 --dashboard-host 127.0.0.1 \
   --dashboard-port "$DASH_PORT" --temp-dir "$RAY_DIR" --disable-usage-stats >"$OUT.ray-head.log" 2>&1 &
 head_pid=$!

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.submit_latency import free_agent_port_flags
+from bench.submit_latency import ensure_auth_token, free_agent_port_flags
 from tests.conftest import REPO
 from tests.fixtures_pretrain import run_overrides, synth_data
 
@@ -45,6 +45,7 @@ def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     Token authentication is on (as in production); every `ray` client below inherits RAY_AUTH_MODE=token.
     """
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ensure_auth_token()
     temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
