@@ -391,6 +391,15 @@ def run(
         report["got_kernel"] = measure_got(config, sets, device, repeats=3 if tiny else 10)
     else:
         report["skipped"]["got_kernel"] = "time budget"
+    if left() > (5 if tiny else 30):
+        # The views rendered on this device (data.views.render_on: device), at the recipe's size and batch.
+        from bench.feed import measure_device
+
+        report["device_render"] = measure_device(
+            str(device), image_size=recipe.model.image.img_size, batch_size=batch, steps=3 if tiny else 10
+        )
+    else:
+        report["skipped"]["device_render"] = "time budget"
     _write(report, out)
     if not use_ray:
         report["skipped"]["ray"] = "--no-ray"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connect_ray", "init_local_ray", "usage_exit"]
+__all__ = ["check_s3_credentials", "connect_ray", "init_local_ray", "usage_exit"]
 
 
 def usage_exit(prog: str, err: Exception) -> int:
@@ -18,6 +19,37 @@ def usage_exit(prog: str, err: Exception) -> int:
     kind = "config error: " if isinstance(err, ConfigError) else ""
     print(f"{prog}: {kind}{err}", file=sys.stderr)
     return 2
+
+
+def check_s3_credentials(locations: Mapping[str, str | Sequence[str] | None]) -> str | None:
+    """The one-line problem when a location is on ``s3://`` and the standard AWS chain finds no credentials.
+
+    ``locations`` maps config fields to a path or a list of paths. Returns None when none is on S3 or botocore's
+    chain (environment, shared files, web identity, container and instance roles) yields credentials; otherwise a
+    line naming the fields and the two ways to provide credentials: keys in the environment (the optional volta-s3
+    Secret on Kubernetes) or an IAM role (IRSA on EKS). Credential values are never part of it.
+    """
+    on_s3 = [
+        field
+        for field, value in locations.items()
+        if any(str(v).startswith("s3://") for v in ([value] if isinstance(value, str) else value or []))
+    ]
+    if not on_s3:
+        return None
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        if botocore.session.get_session().get_credentials() is not None:
+            return None
+        reason = "no AWS credentials found"
+    except BotoCoreError as err:  # e.g. half a key pair, an unknown AWS_PROFILE; botocore never prints values
+        reason = f"AWS credentials unusable ({type(err).__name__}: {' '.join(str(err).split())})"
+    return (
+        f"{', '.join(on_s3)} on s3:// but {reason}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (on Kubernetes:"
+        " create the volta-s3 Secret) or give the pods an IAM role (on EKS: annotate service account volta with"
+        " eks.amazonaws.com/role-arn); see docs/kubernetes.md"
+    )
 
 
 def connect_ray(address: str | None, *, dashboard: bool) -> None:

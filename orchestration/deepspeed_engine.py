@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from volta.config import VoltaConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+# The default engine settings are package data, so an installed wheel finds them from any folder; in the repository
+# this is a symlink to the top-level deepspeed_configs/, the one copy users read and edit.
+CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 # Keys that only the volta config may set (one source of truth for batch sizes, clipping, precision, stage).
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -66,7 +68,9 @@ class DeepSpeedEngineAdapter:
 
     def forward(self, batch: Any) -> Mapping[str, Tensor]:
         if hasattr(batch, "to"):
-            batch = batch.to(self.device)
+            batch = batch.to(
+                self.device, non_blocking=self.device.type == "cuda"
+            )  # pinned batches: async copy
         return self.engine(batch)  # type: ignore[no-any-return]
 
     def backward(self, loss: Tensor) -> None:
@@ -90,8 +94,16 @@ class DeepSpeedEngineAdapter:
         self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={"volta_loop": client_state})
 
     def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore module, optimizer shards, scheduler and return the loop's client state."""
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=self.TAG)
+        """Restore module, optimizer shards, scheduler and return the loop's client state.
+
+        Files are read by restricted unpickling only (:mod:`orchestration.safe_checkpoint`): a file holding
+        anything beyond tensors, plain containers and DeepSpeed's allow-listed types raises
+        :class:`~volta.errors.CheckpointRejected` before any of it is unpickled or any state is restored.
+        """
+        from orchestration.safe_checkpoint import restricted_checkpoint_loads
+
+        with restricted_checkpoint_loads(self.engine, directory, self.TAG):
+            path, client_state = self.engine.load_checkpoint(str(directory), tag=self.TAG)
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {self.TAG!r}")
         return dict(client_state["volta_loop"])

@@ -2,17 +2,90 @@
 # `make demo`: synthesise the grounding dataset (if absent), start a local Ray head, submit the demo pre-training
 # with `ray job submit`, follow it, then evaluate the untrained and the trained model and summarise.
 # Run through scripts/in-private-netns.sh (the Makefile does) so Ray's ports are reachable only on loopback.
+#
+# The terminal gets the stages, rank 0's progress line every train.log_every steps and a summary table; Ray's
+# own notes, per-report lines and known-harmless warnings are left out (VOLTA_VERBOSE=1 keeps everything, and
+# each evaluation's full output is in the run folder). VOLTA_DEMO_STEPS=N (`make demo DEMO_STEPS=N`) trains N
+# steps instead of the recipe's. The run is recorded in the MLflow store runs/demo/mlflow; the summary ends with
+# the command that serves it on this machine's 127.0.0.1.
+#
+#   scripts/demo.sh summary RUN_DIR   the summary of a finished run (eval-*.json, metrics.jsonl in RUN_DIR)
+#   scripts/demo.sh filter            the output filter alone: stdin to stdout without the known noise
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=$ROOT/.venv/bin
+VERBOSE=${VOLTA_VERBOSE:-0}
+STORE=runs/demo/mlflow  # relative: the dashboard command is run from the repository
+
+# Lines that say nothing a person can act on, printed below anything Python can silence (Ray's CLI and C++ logs,
+# DeepSpeed's print, torch's C++ warnings). Extended regular expressions, one per line.
+NOISE=(
+  'cli\.py:[0-9]+ -- '                                         # ray job submit: address, job id, "Next steps"
+  'job_manager\.py:[0-9]+ -- Runtime env is setting up'
+  'sdk\.py:[0-9]+ -- WebSocket closed for job '
+  'Reporting training result [0-9]+: TrainingReport\('          # every rank, every report: all the metrics
+  '^Running entrypoint for job '
+  'network_util\.cc:[0-9]+: Failed to determine local IP'     # no route out of the private namespace
+  "Actor with class name: 'PreemptionWatcher' .* constructor arguments in the object store"
+  '\[c10d\] The hostname of the client socket cannot be retrieved'
+  'cpp_extension\.py:[0-9]+\] No CUDA runtime is found'
+  'DeepSpeed deepspeed\.ops\.[a-z_.]+ built successfully'
+)
+
+quiet() {  # stdin to stdout without NOISE and without the "metrics" block of the driver's final JSON (the table
+  # shows them; metrics.jsonl has them all); everything when VOLTA_VERBOSE=1. Never fails on an empty result.
+  if [[ $VERBOSE == 1 ]]; then
+    cat
+  else
+    { grep --line-buffered -v -E "$(IFS='|'; echo "${NOISE[*]}")" || true; } |
+      sed -u -E '/^  "metrics": \{$/,/^  \},?$/d'
+  fi
+}
+
+summary() {  # RUN_DIR: the table, where the run's files are, and the dashboard command
+  "$BIN/volta" report "$1" --table
+  echo
+  echo "dashboard (MLflow, this run's params and curves): run on this machine, then open the URL it prints:"
+  echo "  .venv/bin/volta dashboard --store $STORE"
+}
+
+case "${1:-}" in
+  summary) summary "$2"; exit 0 ;;
+  filter) quiet; exit 0 ;;
+  "") ;;
+  *) echo "usage: scripts/demo.sh [summary RUN_DIR | filter]" >&2; exit 2 ;;
+esac
+
+run_logged() {  # LOG CMD...: run CMD with its stderr in LOG; show LOG's end if it fails (all of it when verbose)
+  local log=$1
+  shift
+  if [[ $VERBOSE == 1 ]]; then
+    "$@" 2> >(tee "$log" >&2)
+  elif ! "$@" 2>"$log"; then
+    tail -n 20 "$log" >&2
+    echo "demo: failed: ${*:1:3} ... (full output: $log)" >&2
+    return 1
+  fi
+}
+
 RECIPE=${VOLTA_DEMO_RECIPE:-configs/demo.yaml}
 DATA=$ROOT/data/synth
-RUN_NAME=$("$BIN/volta" config show -c "$RECIPE" | "$BIN/python" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["ray"]["run_name"])')
+read -r RUN_NAME STORAGE EXPERIMENT < <("$BIN/volta" config show -c "$RECIPE" | "$BIN/python" -c '
+import sys, yaml
+c = yaml.safe_load(sys.stdin)
+print(c["ray"]["run_name"], c["storage"]["path"], c["tracking"]["experiment"])')
+[[ $STORAGE == /* ]] || STORAGE=$ROOT/$STORAGE
+RUN=$STORAGE/$RUN_NAME  # the run's storage folder: checkpoints, metrics, heat maps, final/, export/
 OUT=$ROOT/runs/demo
-RUN=$OUT/$RUN_NAME
 RAY_DIR=${VOLTA_DEMO_RAY_DIR:-/tmp/volta-demo-ray}
 DASH_PORT=${VOLTA_DEMO_DASHBOARD_PORT:-8265}
+OVERRIDES="--set tracking.uri=sqlite:///$ROOT/$STORE/mlflow.db"
+if [[ -n ${VOLTA_DEMO_STEPS:-} ]]; then
+  OVERRIDES+=" --set train.max_steps=$VOLTA_DEMO_STEPS --set train.checkpoint_every=$VOLTA_DEMO_STEPS"
+  OVERRIDES+=" --set train.val_every=$VOLTA_DEMO_STEPS"
+fi
+[[ $VERBOSE == 1 ]] && OVERRIDES+=" --verbose"
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Token authentication on, explicitly: the head creates or reuses ~/.ray/auth_token and `ray job` clients send it.
 export RAY_AUTH_MODE=token
@@ -21,11 +94,16 @@ say() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
 if [[ ! -f $DATA/train/sizes.json || ! -f $DATA/val/sizes.json || ! -d $DATA/tokenizer ]]; then
   say "synthesising the demo dataset into $DATA"
-  "$BIN/volta" data synth --out "$DATA" --train-samples 6000 --val-samples 256 --image-size 128 --workers 2
+  run_logged "$OUT.synth.log" "$BIN/volta" data synth --out "$DATA" --train-samples 6000 --val-samples 256 \
+    --image-size 128 --workers 2
 fi
 
-say "starting a local Ray head (dashboard http://127.0.0.1:$DASH_PORT)"
-if [[ "${VOLTA_NETNS:-}" != "1" ]]; then
+mkdir -p "$OUT"
+if [[ "${VOLTA_NETNS:-}" == "1" ]]; then
+  # Its dashboard listens inside the private namespace: no URL that would work from this machine's browser.
+  say "starting a local Ray head (log: $OUT.ray-head.log)"
+else
+  say "starting a local Ray head (dashboard http://127.0.0.1:$DASH_PORT, log: $OUT.ray-head.log)"
   echo "note: not in a private network namespace; Ray may listen on this machine's addresses" >&2
 fi
 rm -rf "$RAY_DIR"
@@ -35,56 +113,36 @@ rm -rf "$RAY_DIR"
   --dashboard-port "$DASH_PORT" --temp-dir "$RAY_DIR" --disable-usage-stats >"$OUT.ray-head.log" 2>&1 &
 head_pid=$!
 trap 'kill "$head_pid" 2>/dev/null; wait "$head_pid" 2>/dev/null || true' EXIT
+trap 'exit 143' TERM  # so that the EXIT trap stops the head when the demo is terminated
 for _ in $(seq 60); do
   "$BIN/ray" job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1 && break
   sleep 2
 done
 
 say "ray job submit -- python orchestration/pretrain.py --config $RECIPE"
-rm -rf "$RUN" "$OUT/ray/$RUN_NAME"
-"$BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" -- \
-  bash -c "cd '$ROOT' && '$BIN/python' orchestration/pretrain.py --config '$RECIPE'"
+# A fresh run: its storage folder and its MLflow store (a rerun would otherwise log into the old MLflow run).
+rm -rf "$RUN" "$OUT/$RUN_NAME" "$ROOT/$STORE"
+mkdir -p "$ROOT/$STORE/artifacts"
+# The experiment is made here so that its artifacts (heat maps) land in the store folder, not in ./mlruns.
+run_logged "$OUT.mlflow-store.log" "$BIN/python" -c '
+import sys
+from pathlib import Path
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db")
+client.create_experiment(sys.argv[2], artifact_location=Path(sys.argv[1], "artifacts").as_uri())
+' "$ROOT/$STORE" "$EXPERIMENT"
+# RAY_ADDRESS for every actor of the job: Ray's own helpers (Train's placement-group cleaner) look the cluster up
+# by scanning this machine's processes and fail with a traceback when another Ray instance runs here too.
+"$BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" \
+  --runtime-env-json '{"env_vars": {"RAY_ADDRESS": "127.0.0.1:6390"}}' -- \
+  bash -c "cd '$ROOT' && '$BIN/python' orchestration/pretrain.py --config '$RECIPE' $OVERRIDES" 2>&1 | quiet
 
 say "evaluating the untrained and the trained model on the validation split"
-"$BIN/volta" eval all --checkpoint "$RUN/final" --random-init >"$RUN/eval-untrained.json"
-"$BIN/volta" eval all --checkpoint "$RUN/final" >"$RUN/eval-trained.json"
-"$BIN/volta" report "$RUN" >"$RUN/report.json"
-"$BIN/volta" visualize --checkpoint "$RUN/final" --shards "$DATA/val" --num 4 --out "$RUN/heatmaps-final" >/dev/null
+run_logged "$RUN/eval-untrained.log" "$BIN/volta" eval all --checkpoint "$RUN/final" --random-init \
+  >"$RUN/eval-untrained.json"
+run_logged "$RUN/eval-trained.log" "$BIN/volta" eval all --checkpoint "$RUN/final" >"$RUN/eval-trained.json"
+run_logged "$RUN/visualize.log" "$BIN/volta" visualize --checkpoint "$RUN/final" --shards "$DATA/val" --num 4 \
+  --out "$RUN/heatmaps-final" >/dev/null
 
 say "summary"
-"$BIN/python" - "$RUN" <<'PY'
-import json, sys
-from pathlib import Path
-run = Path(sys.argv[1])
-before = json.loads((run / "eval-untrained.json").read_text())
-after = json.loads((run / "eval-trained.json").read_text())
-report = json.loads((run / "report.json").read_text())
-def get(d, *path):
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
-def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = v
-    return out
-fb, fa = flat(before), flat(after)
-keys = [k for k in fa if any(t in k for t in ("grounding.accuracy", "grounding.acc", "random", "center", "i2t_r1", "t2i_r1", "probe.accuracy"))]
-print(f"steps trained: {report['steps']}")
-loss = report.get("train/loss", {})
-print(f"total loss: {loss.get('first', float('nan')):.3f} -> {loss.get('last', float('nan')):.3f}")
-print(f"{'metric':48s} {'untrained':>10s} {'trained':>10s}")
-for k in sorted(keys):
-    b, a = fb.get(k), fa.get(k)
-    print(f"{k:48s} {b if b is None else round(b, 4)!s:>10s} {round(a, 4)!s:>10s}")
-print(f"loss curves:        {report['loss_curves']}")
-print(f"heat maps:          {run / 'heatmaps-final'} (and {run / 'heatmaps'} during training)")
-print(f"final model:        {run / 'final'}")
-print(f"exported encoders:  {run / 'export'}")
-print(f"Ray checkpoints:    {run.parent / 'ray' / run.name}")
-PY
+summary "$RUN"

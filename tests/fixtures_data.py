@@ -74,6 +74,13 @@ def good_sample(index: int, *, fmt: str = "PNG", size: tuple[int, int] = (48, 40
     }
 
 
+def corrupt_body_sample(index: int) -> dict[str, Any]:
+    """:func:`good_sample` as a JPEG cut just after its scan header: the header (and size) parses, decoding fails."""
+    sample = good_sample(index, fmt="JPEG")
+    scan = sample["jpg"].index(b"\xff\xda")  # start-of-scan marker: everything before it is header
+    return {**sample, "jpg": sample["jpg"][: scan + 20]}
+
+
 def write_shard(path: Path, samples: list[dict[str, Any]]) -> None:
     """Write one tar shard with webdataset's TarWriter."""
     with webdataset.TarWriter(str(path)) as sink:

@@ -26,7 +26,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "volta.dashboard",
     "volta.eval.cli",
     "volta.training.report",
-    "volta.training.local",
+    "volta.training.cli",
 )
 
 

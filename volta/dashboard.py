@@ -2,7 +2,9 @@
 
 Starts ``mlflow server`` as a child process bound to 127.0.0.1 unless told otherwise, waits until it answers
 ``/health``, prints the URL and keeps serving until interrupted. Point ``tracking.uri`` at that URL and every
-pre-training run and sweep trial logs its params, per-step metrics and sweep grouping there.
+pre-training run and sweep trial logs its params, per-step metrics and sweep grouping there. ``--store DIR``
+serves a store folder that runs wrote directly (``tracking.uri=sqlite:///DIR/mlflow.db``, as ``make demo`` does):
+its ``mlflow.db`` and ``artifacts/``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "register",
     "run_dashboard",
     "start_server",
+    "store_locations",
     "wait_healthy",
 ]
 
@@ -49,6 +52,13 @@ def _sqlite_parent(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///")).expanduser().parent
+
+
+def store_locations(folder: str | Path) -> tuple[str, str]:
+    """The backend store URI and the artifact folder of a store folder: ``sqlite:///FOLDER/mlflow.db`` (absolute)
+    and ``FOLDER/artifacts``."""
+    root = Path(folder).expanduser().resolve()
+    return f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")
 
 
 def build_server_command(
@@ -153,6 +163,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_dashboard(args: argparse.Namespace) -> int:
     """Start the tracking server, wait for ``/health``, print the URL, serve until SIGINT/SIGTERM; exit status."""
+    if args.store is not None:
+        args.backend_store_uri, args.artifacts_destination = store_locations(args.store)
     cmd = build_server_command(
         host=args.host,
         port=args.port,
@@ -207,6 +219,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allowed-hosts",
         default=None,
         help="Host headers to accept besides localhost/private IPs, e.g. volta-dashboard:5000 (MLflow's list)",
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="serve the store folder DIR (DIR/mlflow.db and DIR/artifacts), e.g. runs/demo/mlflow after "
+        "`make demo`; replaces --backend-store-uri and --artifacts-destination",
     )
     p.add_argument("--workers", type=int, default=1, help="server worker processes (1)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (120)")

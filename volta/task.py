@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from volta.config import LossConfig, VoltaConfig
 from volta.data.batch import View, VoltaBatch
 from volta.data.masking import IGNORE_INDEX
+from volta.data.views import normalize_images
 from volta.dist import AllReduce
 from volta.losses.barlow_twins import barlow_twins_loss
 from volta.losses.got import got_contrastive_loss, got_loss
@@ -65,7 +66,10 @@ class ViewPasses:
         return self._cache[key]
 
     def _images(self) -> Tensor:
-        return self.view.images.to(dtype=next(self.model.image_encoder.parameters()).dtype)
+        images = self.view.images
+        if images.dtype == torch.uint8:  # training views arrive as uint8 (a quarter of the bytes to ship)
+            images = normalize_images(images)
+        return images.to(dtype=next(self.model.image_encoder.parameters()).dtype)
 
     def image_prefix(self, index: Tensor | None = None) -> ImagePrefix:
         """The image prefix of this view's images, or of ``images[index]``."""
@@ -131,6 +135,9 @@ class VoLTATask(nn.Module):
 
     def forward(self, batch: VoltaBatch) -> Terms:
         """Every weighted loss term of one batch (``*_loss``), their statistics, and their sum ``loss``."""
+        batch = (
+            batch.rendered()
+        )  # image views left to the device (data.views.render_on: device) are made here
         passes = [ViewPasses(self.model, view, share_prefix=self.share_prefix) for view in batch.views]
         out: Terms = {}
         for weight, term in self.terms:
@@ -174,7 +181,11 @@ class VoLTATask(nn.Module):
             wd, gwd, total = wd + res["wd"].mean(), gwd + res["gwd"].mean(), total + res["loss"]
             if c.contrastive.weight > 0:
                 contrast = got_contrastive_loss(
-                    g.image, g.text, g.image_mask, text_mask, **c.contrastive.kwargs(c.ipot_beta)
+                    g.image,
+                    g.text,
+                    g.image_mask,
+                    text_mask,
+                    **c.contrastive.kwargs(c.ipot_beta, c.image_marginal_kl),
                 )
                 nce = nce + contrast["loss"]
                 nce_acc.append(contrast["acc"])

@@ -57,5 +57,6 @@ def test_dry_run_reports_throughput_memory_flops_and_got(tmp_path: Path) -> None
     assert report["samples_per_s"] == on["samples_per_s"] and report["mfu"] == on["mfu"]
     got = report["got_kernel"]
     assert got["ours_fwd_bwd_ms"] > 0 and got["baseline_fwd_bwd_ms"] > 0
+    assert report["device_render"]["samples_per_s"] > 0 and report["device_render"]["device"] == "cpu"
     assert report["skipped"] == {"ray": "--no-ray"}
     assert report["machine"]["peak_bf16_tflops"] is None  # a CPU has no entry in the table

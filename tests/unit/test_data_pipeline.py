@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -10,16 +11,19 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from tests import fixtures_data
 from tests.fixtures_data import (
     caption_for,
+    corrupt_body_sample,
     good_sample,
     tiny_config,
     truncate_tar_inside_member,
     write_dataset,
     write_shard,
 )
+from volta.config import VoltaConfig
 from volta.data.batch import VoltaBatch
 from volta.data.factory import build_eval_loader, build_train_loader
 from volta.data.masking import IGNORE_INDEX
@@ -103,9 +107,26 @@ def test_truncated_shard_keeps_the_samples_before_the_cut(tmp_path: Path) -> Non
     write_shard(tmp_path / "t.tar", [good_sample(i) for i in range(6)])
     truncate_tar_inside_member(tmp_path / "t.tar", 3 * 3)  # inside the first file of the 4th sample
     counter = SkipCounter()
-    keys = [s["__key__"] for s in iter_shard_samples(str(tmp_path / "t.tar"), counter)]
-    assert keys == ["s00000", "s00001", "s00002"]  # the 3rd is complete (same files as the 2nd): kept
+
+    def keys(name: str) -> list[str]:
+        return [s["__key__"] for s in iter_shard_samples(str(tmp_path / name), counter)]
+
+    assert keys("t.tar") == ["s00000", "s00001", "s00002"]  # the 3rd is whole (the cut is in the 4th): kept
     assert counter.take()["truncated_shard"] == 1
+    # Complete samples are kept even when nothing before them has the same files: the shard's first sample, and
+    # one without the optional JSON.
+    no_json = {k: v for k, v in good_sample(1).items() if k != "json"}
+    write_shard(tmp_path / "u.tar", [good_sample(0), no_json, good_sample(2)])
+    truncate_tar_inside_member(tmp_path / "u.tar", 3 + 2)  # inside the first file of the 3rd sample
+    assert keys("u.tar") == ["s00000", "s00001"]
+    write_shard(tmp_path / "v.tar", [good_sample(0), good_sample(1)])
+    truncate_tar_inside_member(tmp_path / "v.tar", 3)
+    assert keys("v.tar") == ["s00000"]
+    # A cut inside a sample's second file drops only that sample.
+    write_shard(tmp_path / "w.tar", [good_sample(0), good_sample(1)])
+    truncate_tar_inside_member(tmp_path / "w.tar", 3 + 1)
+    assert keys("w.tar") == ["s00000"]
+    assert counter.take()["truncated_shard"] == 3
     missing = SkipCounter()
     assert list(iter_shard_samples(str(tmp_path / "absent.tar"), missing)) == []
     assert missing.take()["unreadable_shard"] == 1
@@ -122,7 +143,7 @@ def test_batch_contents(tmp_path: Path, tiny_tokenizer: Any) -> None:
     assert len(batches) == 2
     b = batches[0]
     assert b.batch_size == 4 and b.views[0].images.shape == b.views[1].images.shape == (4, 3, 32, 32)
-    assert b.views[0].images.dtype == torch.float32
+    assert b.views[0].images.dtype == torch.uint8  # ImageNet-normalised on the device by the task
     for view in b.views:
         ids, att, special = view.input_ids, view.attention_mask, view.special_tokens_mask
         mlm_ids, labels = view.mlm_input_ids, view.mlm_labels
@@ -136,7 +157,10 @@ def test_batch_contents(tmp_path: Path, tiny_tokenizer: Any) -> None:
         assert bool((mlm_ids[selected] == tiny_tokenizer.mask_token_id).any())
         assert torch.equal(mlm_ids[~selected], ids[~selected])
     assert b.image_ids.dtype == torch.int64 and len(set(b.image_ids.tolist())) == 4
-    assert [x.position for x in batches] == [{"epoch": 0, "next_batch": 1}, {"epoch": 0, "next_batch": 2}]
+    assert [x.position for x in batches] == [
+        {"epoch": 0, "next_batch": 1, "consumed": {0: 4}},
+        {"epoch": 0, "next_batch": 2, "consumed": {0: 8}},
+    ]
     assert all(v == 0 for v in b.stats.values())
     moved = b.to("cpu")
     assert isinstance(moved, VoltaBatch) and moved.keys == b.keys
@@ -191,19 +215,103 @@ def test_resume_continues_exactly_without_a_buffer(tmp_path: Path, tiny_tokenize
     assert [b.position for b in resumed] == [b.position for b in full[k:]]
 
 
-def test_resume_with_a_shuffle_buffer_stays_within_one_window(tmp_path: Path, tiny_tokenizer: Any) -> None:
-    write_dataset(tmp_path, 2, 20)  # 40 samples, 10 batches, in-process
-    buffer = 6
-    cfg = tiny_config(str(tmp_path), data={"shuffle_buffer": buffer})
-    full = list(build_train_loader(cfg, tiny_tokenizer, rank=0, world_size=1, epoch=0))
-    k = 4
-    resumed = list(build_train_loader(cfg, tiny_tokenizer, rank=0, world_size=1, epoch=0, start_batch=k))
-    assert len(resumed) == len(full) - k
-    rest = {key for b in full[k:] for key in b.keys}
-    again = {key for b in resumed for key in b.keys}
-    assert len(again) == len(rest)
-    assert len(rest ^ again) <= 2 * buffer  # differs at most by one buffer window each way
-    assert rest != again or buffer == 0
+def _forked_batches(
+    cfg: VoltaConfig, tokenizer: Any, *, start_batch: int = 0, consumed: dict[int, int] | None = None
+) -> list[VoltaBatch]:
+    # build_train_loader's stream under data.num_workers DataLoader workers, forked rather than spawned so that
+    # a test can afford a loader per resume point.
+    loader = build_train_loader(
+        cfg, tokenizer, rank=0, world_size=1, epoch=0, start_batch=start_batch, consumed=consumed
+    )
+    forked = DataLoader(
+        loader.dataset, batch_size=None, num_workers=cfg.data.num_workers, multiprocessing_context="fork"
+    )
+    return list(forked)
+
+
+def _consumed_after(batches: list[VoltaBatch]) -> dict[int, int]:
+    """What the training loop keeps: the batches' ``position["consumed"]`` maps merged in reading order."""
+    merged: dict[int, int] = {}
+    for b in batches:
+        merged.update(b.position["consumed"])
+    return merged
+
+
+def _assert_same_batches(got: list[VoltaBatch], want: list[VoltaBatch]) -> None:
+    assert [b.keys for b in got] == [b.keys for b in want]
+    for a, b in zip(got, want, strict=True):
+        assert a.position == b.position and torch.equal(a.image_ids, b.image_ids)
+        for va, vb in zip(a.views, b.views, strict=True):
+            for f in dataclasses.fields(va):  # images, captions' tokens, MLM inputs and labels
+                assert torch.equal(getattr(va, f.name), getattr(vb, f.name)), f.name
+
+
+def test_resume_with_a_shuffle_buffer_is_exact_at_every_batch(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    keys = write_dataset(tmp_path, 4, 10)  # 40 samples, 10 batches of 4, 5 per DataLoader worker
+    cfg = tiny_config(str(tmp_path), data={"shuffle_buffer": 16, "num_workers": 2})
+    full = _forked_batches(cfg, tiny_tokenizer)
+    assert len(full) == 10 and sorted(k for b in full for k in b.keys) == keys
+    for k in range(1, len(full)):
+        resumed = _forked_batches(cfg, tiny_tokenizer, start_batch=k, consumed=_consumed_after(full[:k]))
+        _assert_same_batches(resumed, full[k:])
+        assert sorted(key for b in full[:k] + resumed for key in b.keys) == keys  # each sample exactly once
+    # A position without "consumed" (an older checkpoint) resumes as before: exact while no image body was corrupt.
+    _assert_same_batches(_forked_batches(cfg, tiny_tokenizer, start_batch=5), full[5:])
+
+
+def test_resume_is_exact_after_corrupt_image_bodies(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    # 4 shards of 10 good samples, two of them with one extra sample whose JPEG body is cut: found only when the
+    # image is decoded, after the shuffle buffer.
+    keys = write_dataset(tmp_path, 4, 10)
+    for shard, at in ((0, 0), (3, 1)):
+        samples = [good_sample(shard * 10 + i) for i in range(10)]
+        samples.insert(at, corrupt_body_sample(100 + shard))
+        write_shard(tmp_path / f"{shard:05d}.tar", samples)
+    cfg = tiny_config(
+        str(tmp_path), data={"shuffle_buffer": 16, "num_workers": 2, "samples_per_epoch": len(keys)}
+    )
+    full = _forked_batches(cfg, tiny_tokenizer)
+    assert sorted(k for b in full for k in b.keys) == keys
+    assert _sum_stats(full) == {"corrupt_image": 2}
+    shifted = 0
+    for k in range(1, len(full)):
+        consumed = _consumed_after(full[:k])
+        resumed = _forked_batches(cfg, tiny_tokenizer, start_batch=k, consumed=consumed)
+        _assert_same_batches(resumed, full[k:])
+        assert sorted(key for b in full[:k] + resumed for key in b.keys) == keys  # each sample exactly once
+        assert _sum_stats(full[:k] + resumed) == {"corrupt_image": 2}  # reported once: none lost or repeated
+        # Roles still to make a batch whose stream has a corrupt body before this resume point: skipping whole
+        # batches' worth of samples (a position without "consumed") would shift them.
+        if any(consumed.get(role, 0) != len(full[role:k:2]) * 4 for role in {i % 2 for i in range(k, 10)}):
+            shifted += 1
+            if shifted == 1:
+                old_style = _forked_batches(cfg, tiny_tokenizer, start_batch=k)
+                assert [b.keys for b in old_style] != [b.keys for b in full[k:]]
+    assert shifted >= 5
+
+
+def test_a_truncated_shard_loses_only_its_unreadable_part(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    clean_dir, cut_dir = tmp_path / "clean", tmp_path / "cut"
+    write_dataset(clean_dir, 4, 10)
+    keys = write_dataset(cut_dir, 4, 10)
+    shards = resolve_shards(str(cut_dir))
+    cut_shard = next(shard_stream(shards, seed=7, epoch=0, stream=0, num_streams=2))  # worker role 0's first
+    cut_index = shards.index(cut_shard)
+    truncate_tar_inside_member(Path(cut_shard), 6 * 3)  # inside the first file of its 7th sample
+    lost = {f"s{cut_index * 10 + i:05d}" for i in range(6, 10)}
+    data = {"shuffle_buffer": 16, "num_workers": 2}
+    clean = _forked_batches(tiny_config(str(clean_dir), data=data), tiny_tokenizer)
+    cfg = tiny_config(str(cut_dir), data=data)
+    cut = _forked_batches(cfg, tiny_tokenizer)
+    assert set(_sum_stats(cut)) == {"truncated_shard"}
+    _assert_same_batches(cut[1::2], clean[1::2])  # the other worker role's stream is untouched
+    role0 = [k for b in cut[0::2] for k in b.keys]
+    readable = set(keys) - lost
+    assert readable <= {k for b in cut for k in b.keys}  # every sample before the cut is read this epoch
+    assert len(role0) == 20 and not lost & set(role0)  # role 0 tops up from the next epoch's shard order
+    for k in (3, 8):
+        resumed = _forked_batches(cfg, tiny_tokenizer, start_batch=k, consumed=_consumed_after(cut[:k]))
+        _assert_same_batches(resumed, cut[k:])
 
 
 def test_eval_loader_reads_every_sample_once_in_order(tmp_path: Path, tiny_tokenizer: Any) -> None:
@@ -233,3 +341,31 @@ def test_eval_loader_reads_every_sample_once_in_order(tmp_path: Path, tiny_token
         )
     )
     assert [k for b in capped for k in b.keys] == keys[:6]
+
+
+def test_views_rendered_on_the_device_match_the_cpu_views(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    # render_on: device ships decoded images and the sampled parameters; rendering them where the batch is
+    # gives the CPU path's views (up to interpolation rounding), and captions, masks and order are identical.
+    write_dataset(tmp_path, 2, 4)
+    batches = {
+        where: list(
+            build_train_loader(
+                tiny_config(str(tmp_path), data={"views": {"render_on": where}}),
+                tiny_tokenizer,
+                rank=0,
+                world_size=1,
+                epoch=0,
+            )
+        )
+        for where in ("cpu", "device")
+    }
+    for cpu, dev in zip(batches["cpu"], batches["device"], strict=True):
+        assert dev.pending is not None and dev.views[0].images.shape == (4, 3, 0, 0)
+        assert dev.keys == cpu.keys
+        rendered = dev.rendered()
+        assert rendered.pending is None
+        for a, b in zip(cpu.views, rendered.views, strict=True):
+            for name in ("input_ids", "attention_mask", "special_tokens_mask", "mlm_input_ids", "mlm_labels"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert a.images.shape == b.images.shape and b.images.dtype == torch.uint8
+            assert (a.images.float() - b.images.float()).abs().mean() < 3.0

@@ -133,14 +133,17 @@ def test_k8s_cache_mounts_match_the_image() -> None:
     import yaml
 
     cache = env_vars(GPU)["XDG_CACHE_HOME"]
-    mounts = {
-        m["mountPath"]
-        for path in (REPO / "k8s").glob("1*.yaml")
-        for doc in yaml.safe_load_all(path.read_text())
-        for c in doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
-        for m in c["volumeMounts"]
-    }
-    assert cache in mounts and "/tmp/ray" in mounts
+    # k8s/10-rayjob-pretrain.yaml and k8s/sweep/rayjob-sweep.yaml
+    jobs = sorted((REPO / "k8s").rglob("*rayjob*.yaml"))
+    assert len(jobs) == 2, jobs
+    for path in jobs:
+        mounts = {
+            m["mountPath"]
+            for doc in yaml.safe_load_all(path.read_text())
+            for c in doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+            for m in c["volumeMounts"]
+        }
+        assert cache in mounts and "/tmp/ray" in mounts, path.name
 
 
 def test_deepspeed_accelerator_is_detected_on_gpu_and_cpu_on_cpu() -> None:
@@ -252,7 +255,7 @@ def test_lock_satisfies_pyproject_and_equals_the_dev_environment() -> None:
         Requirement(r) for extra in project["optional-dependencies"].values() for r in extra
     ]
     for req in requirements:
-        name = canonicalize_name(req.name)
+        name: str = canonicalize_name(req.name)
         if name == "volta":
             continue
         assert name in LOCKED, f"{req.name} is required by pyproject.toml but not locked: run `make lock`"

@@ -20,6 +20,8 @@ from volta.eval.grounding import (
     phrase_targets,
     phrase_token_mask,
     point_phrase,
+    unboxed_word_targets,
+    word_classes,
     word_spans,
 )
 from volta.models.volta_model import VoLTAOutputs
@@ -206,7 +208,7 @@ def test_pointing_reads_an_unpruned_first_iterate_plan_by_default(monkeypatch: p
     cfg = VoltaConfig.model_validate(
         {
             "loss": {"got": {"prune_fraction": 0.2}},
-            "eval": {"grounding_prune_fraction": 0.05, "grounding_ipot_iters": 7},
+            "eval": {"grounding_prune_fraction": 0.05, "grounding_ipot_iters": 7, "itm": False},
         }
     )
     validate.evaluate_pass(None, cfg, None, shards="x", device="cpu")  # type: ignore[arg-type]
@@ -219,3 +221,116 @@ def test_word_spans_per_position_over_every_occurrence() -> None:
     assert spans == [(0, 11), (20, 30)]
     assert word_spans(caption, spans) == [("red", [(0, 3), (20, 23)]), ("circle", [(5, 11), (24, 30)])]
     assert word_spans("a b", []) == []
+
+
+# ------------------------------------------------------------------------------------- per word class
+_CLASSED_CAPTION = "a small red circle above a blue star"
+_CLASSES = {
+    "small": "attribute",
+    "red": "attribute",
+    "circle": "object",
+    "above": "relation",
+    "blue": "attribute",
+    "star": "object",
+}
+
+
+def _classed_batch() -> EvalBatch:
+    # Word-level toy tokenisation of the caption, twice: sample 0 with a word-class map, sample 1 without one.
+    spans = [(0, 0), (0, 1), (2, 7), (8, 11), (12, 18), (19, 24), (25, 26), (27, 31), (32, 36), (0, 0)]
+    boxes = [
+        {"phrase": "red circle", "bbox": [0, 0, 100, 50], "type": "object"},  # holds patch 0's centre
+        {"phrase": "blue star", "bbox": [100, 50, 100, 50], "type": "object"},  # holds patch 3's centre
+    ]
+    return EvalBatch(
+        images=torch.zeros(2, 3, 8, 8),
+        input_ids=torch.arange(10).repeat(2, 1),
+        attention_mask=torch.ones(2, 10, dtype=torch.long),
+        special_tokens_mask=torch.tensor([[1] + [0] * 8 + [1]] * 2, dtype=torch.bool),
+        offsets=torch.tensor([spans, spans]),
+        # 2x2 grid: centres (50,25) (150,25) (50,75) (150,75)
+        orig_sizes=torch.tensor([[200, 100], [200, 100]]),
+        image_ids=torch.tensor([0, 1]),
+        captions=[_CLASSED_CAPTION] * 2,
+        metas=[{"boxes": boxes, "word_classes": _CLASSES}, {"boxes": boxes}],
+        keys=["k0", "k1"],
+    )
+
+
+def test_unboxed_word_targets_point_relations_at_both_sides_and_attributes_at_the_next_phrase() -> None:
+    meta = {
+        "boxes": [
+            {"phrase": "red circle", "bbox": [0, 0, 1, 1]},
+            {"phrase": "blue star", "bbox": [5, 5, 1, 1]},
+        ]
+    }
+    caption = "a small red circle above a large blue star, big, left"
+    classes = {**_CLASSES, "large": "attribute", "big": "attribute", "left": "relation", "red": "attribute"}
+    targets = phrase_targets(caption, meta)
+    found = [
+        (w.word, w.word_class, w.span, [p.phrase for p in w.phrases])
+        for w in unboxed_word_targets(caption, targets, classes)
+    ]
+    assert found == [
+        ("small", "attribute", (2, 7), ["red circle"]),  # directly before its phrase
+        ("above", "relation", (19, 24), ["red circle", "blue star"]),  # between its two arguments
+        ("large", "attribute", (27, 32), ["blue star"]),
+        ("left", "relation", (49, 53), ["blue star"]),  # nothing after it: the phrase before only
+    ]  # "red", "circle" are inside a phrase; "big" is followed by no phrase; "a" has no class
+    assert unboxed_word_targets(caption, targets, {}) == []
+    assert word_classes({"word_classes": {"Red": "attribute", "x": 3, "": "object"}}) == {"red": "attribute"}
+    assert word_classes({"word_classes": ["red"]}) == {} and word_classes({}) == {}
+
+
+def test_per_class_pointing_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = torch.zeros(2, 4, 10)  # (B, P, T); tokens 2..8 = small red circle above a blue star
+    for b in range(2):
+        plan[b, 0, 2] = 0.3  # "small" -> patch 0: inside red circle (hit)
+        plan[b, 1, 3] = 0.1  # "red" -> patch 1: outside red circle (miss)
+        plan[b, 0, 4] = 0.2  # "circle" -> patch 0 (hit); the phrase "red circle" peaks on patch 0 too (hit)
+        plan[b, 3, 5] = 0.2  # "above" -> patch 3: inside blue star, part of its target (hit)
+        plan[b, 3, 7] = 0.2  # "blue" -> patch 3 (hit); the phrase "blue star" peaks on patch 3 (hit)
+        plan[b, 2, 8] = 0.1  # "star" -> patch 2 (miss)
+    monkeypatch.setattr(grounding, "transport_plans", lambda *a: plan)
+    outputs = VoLTAOutputs(
+        torch.zeros(2, 4, 2), torch.zeros(2, 10, 2), torch.ones(2, 10, dtype=torch.bool), False
+    )
+    results = ground_batch(None, _classed_batch(), outputs, GOTLossConfig())  # type: ignore[arg-type]
+    unboxed = [(r.key, r.word, r.phrase, r.random) for r in results if r.unboxed]
+    assert unboxed == [("k0", "small", "red circle", 0.25), ("k0", "above", "red circle | blue star", 0.5)]
+    assert {r.word_class for r in results if r.key == "k1"} == {None}  # no map: no class, none guessed
+    tally = GroundingTally()
+    tally.add(results)
+    summary = tally.summary()
+    # Unchanged meaning of the existing numbers: the 2 x 2 phrases and the 2 x 4 words of the phrases.
+    assert (summary["acc"], summary["n"]) == (1.0, 4)
+    assert (summary["word_acc"], summary["word_n"]) == (0.5, 8)
+    assert set(tally.words()) == {"red", "circle", "blue", "star"}
+    # Per class, from sample 0 only: attribute small (hit), red (miss), blue (hit); object circle (hit),
+    # star (miss); relation above (hit, target = both boxes: 2 of 4 patch centres).
+    expected = {
+        "attribute": {"acc": 2 / 3, "random": 0.25, "center": 1 / 3, "n": 3},  # centre patch 3: blue only
+        "object": {"acc": 0.5, "random": 0.25, "center": 0.5, "n": 2},  # centre patch 3: star
+        "relation": {"acc": 1.0, "random": 0.5, "center": 1.0, "n": 1},
+    }
+    for word_class, rates in expected.items():
+        for name, value in rates.items():
+            assert summary[f"word_{name}/{word_class}"] == pytest.approx(value), (word_class, name)
+    assert {k.split("/", 1)[1] for k in summary if k.startswith("word_") and "/" in k} == set(expected)
+    # A class's baseline is the per-word random baseline (words()) averaged over its words, weighted by count.
+    k0 = GroundingTally([r for r in results if r.key == "k0" and not r.unboxed])
+    words = k0.words()
+    assert summary["word_random/object"] == pytest.approx(
+        sum(words[w]["random"] * words[w]["n"] for w in ("circle", "star")) / 2
+    )
+
+
+def test_per_class_metrics_are_absent_without_a_word_class_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grounding, "transport_plans", lambda *a: torch.rand(1, 4, 10))
+    outputs = VoLTAOutputs(
+        torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
+    )
+    tally = GroundingTally()
+    tally.add(ground_batch(None, _batch(), outputs, GOTLossConfig()))  # type: ignore[arg-type]
+    summary = tally.summary()
+    assert "word_acc" in summary and not any("/" in k for k in summary if k.startswith("word_"))

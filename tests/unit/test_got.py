@@ -231,3 +231,36 @@ def test_autocast_does_not_change_the_result(loss_fn: Any) -> None:
         mixed = loss_fn(image, text, image_mask, text_mask)
     assert mixed["loss"].dtype == torch.float32
     torch.testing.assert_close(mixed["loss"], plain["loss"])
+
+
+def test_relaxed_image_marginal_lets_two_words_share_one_small_object() -> None:
+    # 2 object patches of 16; both words name the object ("red triangle"). Balanced transport can give the object
+    # at most 2/16 of the words' mass, so most of it (and the WD gradient) lands on the background; with the
+    # relaxed patch marginal both words keep their mass on the object.
+    gen = torch.Generator().manual_seed(3)
+    obj, bg = torch.randn(2, 32, generator=gen, dtype=torch.float64)
+    image = torch.stack([obj] * 2 + [bg] * 14) + 0.05 * torch.randn(
+        16, 32, generator=gen, dtype=torch.float64
+    )
+    text = torch.stack([obj + 0.3 * bg, obj - 0.3 * bg])  # both closer to the object than to the background
+    masks = torch.ones(1, 16, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    settings = SETTINGS | {"prune_fraction": 0.0}
+    on_object = {}
+    for kl in (None, 0.05):
+        out = got_loss(image[None], text[None], *masks, **settings, image_marginal_kl=kl)
+        plan = out["plan"][0]  # (16, 2)
+        on_object[kl] = plan[:2].sum(0) / plan.sum(0)  # each word's share of its mass on the object
+        torch.testing.assert_close(plan.sum(0), torch.full((2,), 0.5, dtype=torch.float64))  # words keep 1/T
+    assert (
+        on_object[None].mean() <= 2 / 16 + 1e-6
+    )  # both words together: at most the object's 2/16 of the mass
+    assert on_object[None].min() < 0.01  # here one word gets the object and the other only background
+    assert (on_object[0.05] > 0.9).all()
+    # padding still has no influence with the relaxed marginal
+    image_p = torch.cat([image, torch.full((3, 32), 1e6, dtype=torch.float64)])[None]
+    padded = got_loss(
+        image_p, text[None], torch.arange(19)[None] < 16, masks[1], **settings, image_marginal_kl=0.05
+    )
+    alone = got_loss(image[None], text[None], *masks, **settings, image_marginal_kl=0.05)
+    torch.testing.assert_close(padded["wd"], alone["wd"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(padded["plan"][0, :16], alone["plan"][0], rtol=1e-9, atol=1e-12)

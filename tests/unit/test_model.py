@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from tests.fixtures_model import VOCAB, make_batch, model_config, set_gates, tiny_model
+from volta.config import ModelConfig
 from volta.models import VoLTAModel, VoLTAOutputs, build_model
 from volta.models.image_encoder import SwinImageEncoder, create_swin
 from volta.models.text_encoder import RobertaTextEncoder
+
+PLACEMENTS = ["after_block", "before_mlp"]  # model.fusion_placement (tests/unit/test_fusion_placement.py)
+
+
+def _placed_config(placement: str, **kwargs: Any) -> ModelConfig:
+    """:func:`model_config` with ``fusion_placement`` set."""
+    return ModelConfig.model_validate({**model_config(**kwargs).model_dump(), "fusion_placement": placement})
+
+
+def _placed_model(placement: str, **kwargs: Any) -> VoLTAModel:
+    torch.manual_seed(0)
+    return build_model(_placed_config(placement, **kwargs), vocab_size=VOCAB)
 
 
 def _all_heads(model: VoLTAModel, out: VoLTAOutputs) -> dict[str, torch.Tensor]:
@@ -114,9 +129,12 @@ def test_fused_pair_reads_the_other_stream_from_before_the_pair() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ padding
-def test_padding_ids_change_nothing_for_real_tokens_in_any_output() -> None:
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_padding_ids_change_nothing_for_real_tokens_in_any_output(placement: str) -> None:
     # Training mode (BatchNorm uses batch statistics) without dropout; gates on so fusion mixes the streams.
-    model = tiny_model(fusion_depth=3, **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    model = _placed_model(
+        placement, fusion_depth=3, **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    )
     model.train()
     set_gates(model, 0.5)
     images, ids, mask = make_batch(model, batch=4)
@@ -153,9 +171,10 @@ def test_text_global_is_the_mean_over_real_tokens() -> None:
 
 
 # ----------------------------------------------------------------------------------------- prefix sharing
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("depth", [0, 2, 5])
-def test_shared_prefix_equals_unshared_forward(depth: int) -> None:
-    model = tiny_model(fusion_depth=depth, text_layers=5).eval()
+def test_shared_prefix_equals_unshared_forward(depth: int, placement: str) -> None:
+    model = _placed_model(placement, fusion_depth=depth, text_layers=5).eval()
     set_gates(model, 0.5)
     images, ids, mask = make_batch(model)
     perm = torch.tensor([2, 0, 3, 1])
@@ -216,8 +235,9 @@ def _one_step_loss(model: VoLTAModel, seed: int = 0) -> torch.Tensor:
     return torch.stack([(o * torch.randn(o.shape, generator=g)).sum() for o in outputs]).sum()
 
 
-def test_every_parameter_gets_a_finite_nonzero_gradient() -> None:
-    model = tiny_model(fusion_depth=3)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_parameter_gets_a_finite_nonzero_gradient(placement: str) -> None:
+    model = _placed_model(placement, fusion_depth=3)
     model.train()
     # At initialisation (gates 0) the gates themselves learn; the rest of each cross-attention (its norms and
     # projections) is multiplied by a zero gate, so its gradient is exactly zero until the gates move.
@@ -241,9 +261,10 @@ def test_every_parameter_gets_a_finite_nonzero_gradient() -> None:
     assert not nonfinite, nonfinite
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_gradient_checkpointing_gives_the_same_gradients(placement: str) -> None:
     def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
-        cfg = model_config(fusion_depth=3).model_copy(deep=True)
+        cfg = _placed_config(placement, fusion_depth=3)
         cfg.image.drop_path_rate = 0.2  # stochastic depth and dropout: the recomputation must replay the RNG
         torch.manual_seed(0)
         model = build_model(cfg, vocab_size=VOCAB)
@@ -251,7 +272,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.set_grad_checkpointing(image=checkpointing, text=checkpointing)
         model.train()
         calls = []
-        model.image_encoder.get_block(4).register_forward_pre_hook(lambda *_: calls.append(1))
+        # The block's MLP runs in every placement (the split before_mlp block never calls the block module).
+        model.image_encoder.get_block(4).mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         torch.manual_seed(1)
         _one_step_loss(model).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)

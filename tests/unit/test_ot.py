@@ -24,15 +24,17 @@ def _problem(seed: int, bsz: int = 3, n: int = 7, m: int = 5, dtype: torch.dtype
 
 
 def _naive_ipot(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, iters: int
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, iters: int, rho: float | None = None
 ) -> torch.Tensor:
-    """Xie et al.'s IPOT written plainly for one unpadded problem (independent reference)."""
+    """Xie et al.'s IPOT written plainly for one unpadded problem (independent reference); with ``rho`` the row
+    marginal is KL-relaxed (row scaling raised to ``rho / (rho + beta)``)."""
+    power = 1.0 if rho is None else rho / (rho + beta)
     kernel = torch.exp(-cost / beta)
     plan = torch.ones_like(cost)
     sigma = torch.ones(cost.shape[1], dtype=cost.dtype)
     for _ in range(iters):
         q = kernel * plan
-        delta = a / (q @ sigma)
+        delta = (a / (q @ sigma)) ** power
         sigma = b / (q.T @ delta)
         plan = delta[:, None] * q * sigma[None, :]
     return plan
@@ -229,3 +231,73 @@ def test_gw_distance_gradient_holds_the_plan_fixed() -> None:
     want = torch.autograd.grad(gromov_wasserstein_value(cx, cy, p, q, plan).sum(), (cx, cy))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# ------------------------------------------------------------------ KL-relaxed rows (semi-relaxed unbalanced OT)
+def test_relaxed_ipot_equals_naive_loop_and_keeps_padding_out() -> None:
+    cost, a, b = _problem(7)
+    cost = cost * 2.0  # cosine costs span [0, 2]
+    plan = ipot(cost, a, b, beta=0.3, num_iters=25, row_kl=0.2)
+    for i in range(cost.shape[0]):
+        rows, cols = a[i] > 0, b[i] > 0
+        ref = _naive_ipot(cost[i][rows][:, cols], a[i][rows], b[i][cols], 0.3, 25, rho=0.2)
+        torch.testing.assert_close(plan[i][rows][:, cols], ref, rtol=1e-10, atol=1e-13)
+        assert (plan[i][~rows] == 0).all() and (plan[i][:, ~cols] == 0).all()
+    torch.testing.assert_close(plan.sum(1), b, rtol=0, atol=1e-12)  # columns stay exact
+    assert (plan.sum(2) - a).abs().max() > 1e-2  # rows do not
+
+
+def test_free_rows_have_a_closed_form() -> None:
+    # row_kl = 0: each step multiplies by the kernel and rescales the columns only, T_ij = b_j softmax_i(-t C_ij / beta)
+    cost, a, b = _problem(8)
+    for steps in (1, 4):
+        plan = ipot(cost, a, b, beta=0.4, num_iters=steps, row_kl=0.0)
+        logits = (-steps * cost / 0.4).masked_fill(a.unsqueeze(-1) == 0, float("-inf"))
+        ref = b.unsqueeze(1) * torch.softmax(logits, dim=1)
+        torch.testing.assert_close(plan, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_relaxed_ipot_converges_to_the_semi_relaxed_optimum() -> None:
+    # min <C, T> + rho KL(T 1 | a) with T^T 1 = b, solved independently: columns as softmaxes, L-BFGS on the logits
+    gen = torch.Generator().manual_seed(9)
+    cost = 2.0 * torch.rand(3, 7, 4, generator=gen, dtype=F64)
+    a, b = torch.full((3, 7), 1 / 7, dtype=F64), torch.full((3, 4), 1 / 4, dtype=F64)
+    rho = 0.3
+
+    def objective(plan: torch.Tensor) -> torch.Tensor:
+        rows = plan.sum(2)
+        return (plan * cost).sum((1, 2)) + rho * (rows * torch.log(rows / a) - rows + a).sum(1)
+
+    logits = torch.zeros(3, 7, 4, dtype=F64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [logits], max_iter=5000, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = objective(b.unsqueeze(1) * torch.softmax(logits, dim=1)).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    best = objective(b.unsqueeze(1) * torch.softmax(logits.detach(), dim=1))
+    plan = ipot(cost, a, b, beta=0.05, num_iters=3000, row_kl=rho)
+    torch.testing.assert_close(objective(plan), best, rtol=0, atol=2e-4)
+    balanced = ipot(cost, a, b, beta=0.05, num_iters=3000)
+    assert (objective(balanced) > best + 1e-2).all()  # the relaxation is used: the balanced plan is worse
+
+
+def test_relaxed_ipot_gradcheck_and_shift_invariance() -> None:
+    cost, a, b = _problem(10, bsz=3, n=5, m=4)
+    cost.requires_grad_(True)
+    for rho in (0.0, 0.2):
+        assert torch.autograd.gradcheck(
+            lambda c, rho=rho: ipot(c, a, b, beta=0.3, num_iters=6, row_kl=rho), (cost,)
+        )
+    # a constant added to a whole problem's costs leaves the plan unchanged (the kernel's shift is per problem)
+    base = ipot(cost.detach(), a, b, beta=0.3, num_iters=6, row_kl=0.2)
+    torch.testing.assert_close(
+        ipot(cost.detach() + 0.7, a, b, beta=0.3, num_iters=6, row_kl=0.2), base, rtol=1e-10, atol=1e-13
+    )
+    with pytest.raises(ValueError, match="row_kl"):
+        ipot(cost.detach(), a, b, beta=0.3, num_iters=6, row_kl=-1.0)

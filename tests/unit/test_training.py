@@ -119,8 +119,21 @@ def test_schedule_closed_form_and_paper_scaling() -> None:
 
 
 # ------------------------------------------------------------------------------------------- loop
+class _NaNGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward: a finite loss with non-finite gradients (a backward overflow)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return torch.full_like(grad, float("nan"))
+
+
 class _Task(nn.Module):
-    """A tiny regression task that can be made to produce a non-finite loss on chosen batches."""
+    """A tiny regression task that can be made to produce a non-finite loss (``scale`` NaN) or finite loss with
+    non-finite gradients (``nan_grad`` 1) on chosen batches."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -129,12 +142,14 @@ class _Task(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pred = self.lin(self.drop(batch["x"]))
+        if float(batch.get("nan_grad", torch.tensor(0.0))) > 0:
+            pred = _NaNGrad.apply(pred)
         loss = (pred.squeeze(-1) - batch["y"]).pow(2).mean() * batch["scale"]
         return {"loss": loss, "mse": loss.detach()}
 
 
 def _data(n_micro: int, bad: set[tuple[int, int]] | None = None):
-    def make_loader(epoch: int, start: int) -> list[dict[str, Any]]:
+    def make_loader(epoch: int, start: int, *_: Any) -> list[dict[str, Any]]:
         out = []
         for i in range(start, n_micro):
             g = torch.Generator().manual_seed(epoch * 1000 + i)
@@ -224,6 +239,36 @@ def test_nonfinite_micro_batches_are_skipped_and_counted() -> None:
     assert all(torch.isfinite(p).all() for p in eng2.module.parameters())
 
 
+def _nan_grad_data(n_micro: int, bad_epochs_micros: set[tuple[int, int]]):
+    base = _data(n_micro)
+
+    def make_loader(epoch: int, start: int, *_: Any) -> list[dict[str, Any]]:
+        batches = base(epoch, start)
+        for offset, b in enumerate(batches):
+            b["nan_grad"] = torch.tensor(float((epoch, start + offset) in bad_epochs_micros))
+        return batches
+
+    return make_loader
+
+
+def test_nonfinite_gradients_with_a_finite_loss_skip_the_update_and_count() -> None:
+    eng = _engine()
+    before = [p.detach().clone() for p in eng.module.parameters()]
+    lr_before = eng.lr()
+    state = train(eng, _settings(1), LoopHooks(make_loader=_nan_grad_data(6, {(0, 1)})))
+    assert state.nonfinite_skipped == 0  # the loss itself was finite
+    assert state.nonfinite_grad_steps == 1 and state.nonfinite_in_row == 1
+    for p, b in zip(eng.module.parameters(), before, strict=True):
+        assert torch.equal(p, b)  # the update was skipped: no NaN reached the weights
+    assert eng.lr() == lr_before  # and the schedule did not advance
+    # Consecutive bad steps abort like non-finite losses do.
+    every = {(e, i) for e in range(3) for i in range(6)}
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradients in 3 consecutive steps"):
+        train(
+            _engine(), _settings(10, max_nonfinite_in_row=3), LoopHooks(make_loader=_nan_grad_data(6, every))
+        )
+
+
 def test_abort_after_k_nonfinite_steps_in_a_row() -> None:
     bad = {(e, i) for e in range(3) for i in range(6)}
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
@@ -262,7 +307,7 @@ def test_resume_is_exact_even_when_creating_the_loader_draws_random_numbers(tmp_
     # at a different step than the uninterrupted one, which must not change the step's dropout masks.
     base = _data(6)
 
-    def drawing_loader(epoch: int, start: int) -> list[dict[str, Any]]:
+    def drawing_loader(epoch: int, start: int, *_: Any) -> list[dict[str, Any]]:
         torch.rand(3)
         return base(epoch, start)
 
@@ -289,3 +334,30 @@ def test_resume_is_exact_even_when_creating_the_loader_draws_random_numbers(tmp_
         state,
     )
     assert tail == pytest.approx(full_losses[2:], rel=1e-6)
+
+
+def test_gate_lr_puts_the_fusion_gates_in_their_own_group_of_the_real_optimizer() -> None:
+    from volta.config import load_config
+    from volta.models.factory import build_model
+    from volta.training.schedule import build_optimizer
+
+    config = load_config(
+        "configs/debug.yaml", ["optim.name=adamw", "optim.gate_lr=0.5", "optim.bias_lr=0.01"]
+    )
+    model = build_model(config.model, vocab_size=64)
+    gates = {id(p) for n, p in model.named_parameters() if n.split(".")[-1] == "gate"}
+    assert len(gates) == 2 * config.model.fusion_depth
+    opt = build_optimizer(model, config.optim, global_batch_size=512)  # batch 512: the paper scaling is 1
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_lr[0.5] == gates and all(g["weight_decay"] == 0.0 for g in opt.param_groups if g["lr"] == 0.5)
+    assert not gates & by_lr[0.01]
+    # without gate_lr the gates stay with the biases (the groups of the paper's recipes are unchanged)
+    plain = build_optimizer(model, config.optim.model_copy(update={"gate_lr": None}), global_batch_size=512)
+    assert len(plain.param_groups) == 2 and gates <= {id(p) for p in plain.param_groups[1]["params"]}
+    # an AdamW step moves a gate by about its own lr, not the biases' lr
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters() if id(p) in gates]
+    opt.step()
+    after = [p.detach() for p in model.parameters() if id(p) in gates]
+    assert all(torch.allclose(a - b, torch.full_like(a, -0.5), atol=1e-3) for a, b in zip(after, before))

@@ -30,6 +30,8 @@ __all__ = [
     "dump_config",
     "exit_on_config_error",
     "load_config",
+    "packaged_recipes",
+    "recipe_file",
     "resolve_local_paths",
     "set_dotted",
     "total_steps",
@@ -126,13 +128,37 @@ def _under_free_dict(parts: Sequence[str]) -> bool:
     return any(tuple(parts[: len(p)]) == p and len(parts) > len(p) for p in _FREE_DICTS)
 
 
+# The recipes shipped in the package, so an installed wheel has them in any folder. In the repository this is a
+# symlink to the top-level configs/, the one copy users read and edit.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped with volta (``base``, ``debug``, ...), each usable as ``--config NAME``."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_file(config: str | Path) -> Path:
+    """The recipe file that ``config`` names: a path to a YAML file, or the bare name of a packaged recipe.
+
+    A file that exists always wins, so ``--config base`` reads ``./base`` when there is one and the packaged
+    ``base.yaml`` otherwise. Raises :class:`ConfigError` naming the packaged recipes when neither exists.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    if _RECIPE_NAME.fullmatch(str(config)) and (RECIPES_DIR / f"{config}.yaml").is_file():
+        return RECIPES_DIR / f"{config}.yaml"
+    raise ConfigError(f"{path}: recipe file not found (packaged recipes: {', '.join(packaged_recipes())})")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> VoltaConfig:
-    """Load a recipe YAML (or the defaults when ``path`` is None), apply overrides, validate, return the tree."""
+    """Load a recipe (a YAML path or a packaged recipe name, see :func:`recipe_file`; the defaults when ``path``
+    is None), apply overrides, validate, return the tree."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: recipe file not found")
+        p = recipe_file(path)
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:

@@ -110,6 +110,10 @@ class ModelConfig(_Section):
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     # N: number of last blocks of both backbones that carry gated cross-modal attention (0 = no fusion).
     fusion_depth: int = Field(6, ge=0)
+    # Where each gated cross-attention joins its block (docs/model.md): "before_mlp" = between the block's
+    # self-attention and its MLP, so the MLP reads the fused signal (FIBER's placement, the paper's);
+    # "after_block" = added to the block's output.
+    fusion_placement: Literal["before_mlp", "after_block"] = "after_block"
     shared_dim: int = Field(768, ge=8)
     projector_hidden_dim: int = Field(2048, ge=8)
     projector_out_dim: int = Field(1024, ge=8)
@@ -170,9 +174,14 @@ class GOTContrastConfig(_Section):
     temperature: float = Field(0.05, gt=0.0)
     ipot_iters: int = Field(1, ge=1)
 
-    def kwargs(self, ipot_beta: float) -> dict[str, Any]:
-        """Keyword arguments of :func:`volta.losses.got.got_contrastive_loss` (the IPOT step is GOT's)."""
-        return {"temperature": self.temperature, "ipot_beta": ipot_beta, "ipot_iters": self.ipot_iters}
+    def kwargs(self, ipot_beta: float, image_marginal_kl: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`volta.losses.got.got_contrastive_loss` (the IPOT step and marginals are GOT's)."""
+        return {
+            "temperature": self.temperature,
+            "ipot_beta": ipot_beta,
+            "ipot_iters": self.ipot_iters,
+            "image_marginal_kl": image_marginal_kl,
+        }
 
 
 class GOTLossConfig(_Section):
@@ -192,6 +201,9 @@ class GOTLossConfig(_Section):
     # Treat the pruning threshold as a constant of the step (true) or differentiate through its min and max
     # (false, the authors' code), which lets the loss shrink by stretching the cost range: docs/losses.md.
     prune_detach: bool = True
+    # Not in the paper (null = balanced WD plan, the paper's): the KL weight of a relaxed patch marginal, so words
+    # naming one object can all put their mass on its patches (volta.losses.got.got_loss; docs/losses.md).
+    image_marginal_kl: float | None = Field(None, ge=0.0)
     include_special_tokens: bool = False
     contrastive: GOTContrastConfig = Field(default_factory=GOTContrastConfig)
 
@@ -262,7 +274,22 @@ class ViewConfig(_Section):
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
     blur_p: tuple[float, float] = (1.0, 0.1)
     solarize_p: tuple[float, float] = (0.0, 0.2)
-    text_aug_p: float = Field(0.1, ge=0.0, le=1.0)
+    # Caption views (docs/method.md section 3): every view gets one EDA op (p 1.0) touching a share of its words
+    # drawn from text_aug_rate. Before 2026-12-03 the default was p 0.1 at rate 0.1: 81% of view pairs were
+    # identical, which made BT(T, T') nearly trivial.
+    text_aug_p: float = Field(1.0, ge=0.0, le=1.0)
+    text_aug_rate: tuple[float, float] = (0.1, 0.2)
+    # Where the image views are rendered: "cpu" (OpenCV in the DataLoader workers) or "device" (the workers
+    # only decode; crops, jitter, blur and solarisation run batched on the training device, for hosts with
+    # too few cores per GPU). Same parameter distributions either way (docs/data.md).
+    render_on: Literal["cpu", "device"] = "cpu"
+
+    @field_validator("text_aug_rate")
+    @classmethod
+    def _rate(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] < 1.0:
+            raise ValueError(f"expected 0 < low <= high < 1 (a share of the words), got {list(v)}")
+        return v
 
     @field_validator("crop_scale")
     @classmethod
@@ -295,6 +322,10 @@ class OptimConfig(_Section):
     name: Literal["lars", "adamw"] = "lars"
     lr: float = Field(0.2, gt=0.0)
     bias_lr: float = Field(0.0048, gt=0.0)
+    # Not in the paper (null = the gates train with bias_lr, as every other 1-D parameter): the fusion gates' own
+    # learning rate. Gates start at 0, so the cross-attention under them gets no gradient until they move; a short
+    # run whose ITM must learn moves them faster (docs/training.md).
+    gate_lr: float | None = Field(None, gt=0.0)
     scale_lr_with_batch: bool = True
     weight_decay: float = Field(1e-6, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -352,6 +383,8 @@ class EvalConfig(_Section):
     # words and the best patch of a word is often background (measured on a held-out split: docs/evaluation.md).
     grounding_ipot_iters: int | None = Field(1, ge=1)
     heatmap_samples: int = Field(4, ge=0)
+    # Held-out image-text matching accuracy in every evaluation pass (one fused forward per batch).
+    itm: bool = True
     # Linear probe: held-out fraction when one shard set is split, and the inverse L2 strength of the probe.
     probe_test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     probe_c: float = Field(1.0, gt=0.0)

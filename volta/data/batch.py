@@ -18,9 +18,19 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from volta.data.augment import ViewParams, render_views_batched
 from volta.data.masking import mask_tokens
 
-__all__ = ["EvalBatch", "EvalCollate", "TrainCollate", "View", "VoltaBatch", "image_id", "num_special_ids"]
+__all__ = [
+    "EvalBatch",
+    "EvalCollate",
+    "PendingViews",
+    "TrainCollate",
+    "View",
+    "VoltaBatch",
+    "image_id",
+    "num_special_ids",
+]
 
 _B = TypeVar("_B", bound="_TensorBatch")
 
@@ -72,7 +82,7 @@ class _TensorBatch:
 class View(_TensorBatch):
     """One augmented view of every sample: an image view and a caption view with its MLM corruption."""
 
-    images: Tensor  # (B, 3, H, W) float32, ImageNet-normalised
+    images: Tensor  # (B, 3, H, W) uint8 (normalised on the device by the task) or float32 ImageNet-normalised
     input_ids: Tensor  # (B, L) int64
     attention_mask: Tensor  # (B, L) int64, 1 = real token
     special_tokens_mask: Tensor  # (B, L) bool, True = special token or padding
@@ -81,21 +91,52 @@ class View(_TensorBatch):
 
 
 @dataclass
+class PendingViews(_TensorBatch):
+    """Decoded images whose two views are still to be rendered on the training device (``render_on: device``)."""
+
+    images: tuple[Tensor, ...]  # B tensors (H_i, W_i, 3) uint8, as decoded
+    plans: tuple[tuple[ViewParams, ViewParams], ...]  # both views' parameters, mapped onto each decoded image
+    size: int  # output side S
+
+    def render(self) -> tuple[Tensor, Tensor]:
+        """Both views as uint8 (B, 3, S, S) on the images' device."""
+        chw = [img.permute(2, 0, 1) for img in self.images]
+        return (
+            render_views_batched(chw, [p[0] for p in self.plans], self.size),
+            render_views_batched(chw, [p[1] for p in self.plans], self.size),
+        )
+
+
+@dataclass
 class VoltaBatch(_TensorBatch):
-    """One training micro-batch: two views (image, caption, MLM corruption) of every sample."""
+    """One training micro-batch: two views (image, caption, MLM corruption) of every sample.
+
+    With ``pending`` set, the views' images are empty (B, 3, 0, 0) placeholders until :meth:`rendered`.
+    """
 
     views: tuple[View, View]
     image_ids: Tensor  # (B,) int64 hash of the image bytes
     keys: list[str]
     # Samples skipped by reason in this worker since its previous batch (summed over workers by the trainer).
     stats: dict[str, int] = field(default_factory=dict)
-    # {"epoch": e, "next_batch": k}: build_train_loader(epoch=e, start_batch=k) continues after this batch.
-    position: dict[str, int] = field(default_factory=dict)
+    # {"epoch": e, "next_batch": k, "consumed": {role: n}}: this worker role had read n shuffled raw samples
+    # (corrupt ones included) by the end of this batch. build_train_loader(epoch=e, start_batch=k, consumed=c)
+    # continues after this batch, c being the "consumed" maps of the epoch's batches so far merged (dict.update).
+    position: dict[str, Any] = field(default_factory=dict)
+    pending: PendingViews | None = None
 
     @property
     def batch_size(self) -> int:
         """Number of samples B."""
         return int(self.views[0].images.shape[0])
+
+    def rendered(self) -> VoltaBatch:
+        """This batch with pending image views rendered where its tensors are (a no-op when none are pending)."""
+        if self.pending is None:
+            return self
+        images = self.pending.render()
+        first, second = (dataclasses.replace(v, images=im) for v, im in zip(self.views, images, strict=True))
+        return dataclasses.replace(self, views=(first, second), pending=None)
 
 
 @dataclass
@@ -140,13 +181,18 @@ def _tokenize(
 class TrainCollate:
     """Turn a list of decoded two-view samples into a :class:`VoltaBatch` (tokenise both views, MLM-mask them).
 
-    Each sample is a dict with ``key``, ``image_id``, ``image1``/``image2`` (3, H, W), ``caption1``/``caption2``
-    and ``mlm_seed``; the MLM corruption of a sample is drawn from its own generator seeded with ``mlm_seed``, so
+    Each sample is a dict with ``key``, ``image_id``, ``image1``/``image2`` (3, H, W) (or, for views rendered
+    on the device, ``raw`` (H, W, 3) uint8 and ``plan``), ``caption1``/``caption2`` and ``mlm_seed``; the MLM corruption of a sample is drawn from its own generator seeded with ``mlm_seed``, so
     it does not depend on which other samples share the batch.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, *, max_length: int, mlm_probability: float
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_length: int,
+        mlm_probability: float,
+        image_size: int = 0,
     ) -> None:
         if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no mask token, which MLM needs")
@@ -156,6 +202,7 @@ class TrainCollate:
         self.mask_token_id = int(tokenizer.mask_token_id)
         self.vocab_size = len(tokenizer)
         self.num_special_ids = num_special_ids(tokenizer)
+        self.image_size = image_size
 
     def _mask(self, ids: Tensor, special: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         rows = [
@@ -173,19 +220,30 @@ class TrainCollate:
         return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])  # (B, L) each
 
     def __call__(
-        self, samples: Sequence[dict[str, Any]], stats: dict[str, int], position: dict[str, int]
+        self, samples: Sequence[dict[str, Any]], stats: dict[str, int], position: dict[str, Any]
     ) -> VoltaBatch:
         """Build the batch; ``stats`` and ``position`` are attached unchanged."""
         seeds = [int(s["mlm_seed"]) for s in samples]
         # The two views get different streams from one per-sample seed (second view: seed + 1, mod 2**63).
         view_seeds = (seeds, [(s + 1) % (1 << 63) for s in seeds])
+        pending = None
+        if samples and "raw" in samples[0]:
+            pending = PendingViews(
+                images=tuple(s["raw"] for s in samples),
+                plans=tuple(s["plan"] for s in samples),
+                size=self.image_size,
+            )
         views = []
         for v, mlm_seeds in zip((1, 2), view_seeds, strict=True):
             tok = _tokenize(self.tokenizer, [s[f"caption{v}"] for s in samples], self.max_length)
             mlm_ids, mlm_labels = self._mask(tok["input_ids"], tok["special_tokens_mask"], mlm_seeds)
             views.append(
                 View(
-                    images=torch.stack([s[f"image{v}"] for s in samples]),  # (B, 3, H, W)
+                    images=(
+                        torch.stack([s[f"image{v}"] for s in samples])  # (B, 3, H, W)
+                        if pending is None
+                        else torch.empty((len(samples), 3, 0, 0), dtype=torch.uint8)
+                    ),
                     input_ids=tok["input_ids"],
                     attention_mask=tok["attention_mask"],
                     special_tokens_mask=tok["special_tokens_mask"],
@@ -199,6 +257,7 @@ class TrainCollate:
             keys=[s["key"] for s in samples],
             stats=dict(stats),
             position=dict(position),
+            pending=pending,
         )
 
 

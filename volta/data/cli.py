@@ -1,4 +1,4 @@
-"""``volta data``: make shards (from a folder, from COCO, synthetic), upload them to S3, inspect them.
+"""``volta data``: make shards (folder, COCO, Karpathy COCO, Visual Genome, synthetic), upload, inspect.
 
 Heavy imports happen inside the command functions so that ``volta --help`` stays fast.
 """
@@ -72,14 +72,59 @@ def _cmd_from_coco(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """argparse type: a comma-separated list of names (``train,restval``)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _cmd_from_karpathy(args: argparse.Namespace) -> int:
+    from volta.data.sources import SourceError, karpathy_records
+
+    try:
+        records = karpathy_records(args.split_file, args.images_root, args.split)
+        return _write_records(args, records, "from-karpathy")
+    except SourceError as err:
+        raise UsageError(str(err)) from err
+
+
+def _cmd_from_vg(args: argparse.Namespace) -> int:
+    from volta.data.sources import SourceError, karpathy_coco_ids, visual_genome_records
+
+    if args.exclude_karpathy and not args.image_data:
+        raise UsageError(
+            "--exclude-karpathy needs --image-data image_data.json: it holds each VG image's coco_id"
+        )
+    try:
+        exclude = (
+            karpathy_coco_ids(args.exclude_karpathy, args.exclude_splits)
+            if args.exclude_karpathy
+            else frozenset()
+        )
+        records = visual_genome_records(
+            args.regions,
+            args.images,
+            args.image_data,
+            exclude_coco_ids=exclude,
+            max_phrases_per_image=args.max_phrases,
+        )
+        return _write_records(args, records, "from-vg")
+    except SourceError as err:
+        raise UsageError(str(err)) from err
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from volta.data.synth import write_synth_dataset
+    from volta.data.synth_scenes import write_scenes_dataset
 
     if args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
     total = args.train_samples + args.val_samples
-    with _progress(total, "img", "synth") as step:
-        sizes = write_synth_dataset(
+    write = write_scenes_dataset if args.kind == "scenes" else write_synth_dataset
+    with _progress(total, "img", f"synth {args.kind}") as step:
+        sizes = write(
             args.out,
             train_samples=args.train_samples,
             val_samples=args.val_samples,
@@ -189,8 +234,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_writer_options(p)
     p.set_defaults(func=_cmd_from_coco)
 
+    p = sub.add_parser(
+        "from-karpathy",
+        help="shards from COCO with the Karpathy split file (dataset_coco.json), one per caption",
+    )
+    p.add_argument("split_file", help="dataset_coco.json (Karpathy split)")
+    p.add_argument(
+        "images_root", help="COCO root holding the split file's filepath folders (train2014/, val2014/)"
+    )
+    p.add_argument(
+        "--split",
+        type=_names,
+        default=("train", "restval"),
+        help="comma-separated Karpathy splits to convert: train, restval, val, test (train,restval)",
+    )
+    _add_writer_options(p)
+    p.set_defaults(func=_cmd_from_karpathy)
+
+    p = sub.add_parser(
+        "from-vg", help="shards from Visual Genome region descriptions: one per phrase, with its boxes"
+    )
+    p.add_argument("regions", help="region_descriptions.json")
+    p.add_argument("images", help="folder of the VG images ({id}.jpg, or VG_100K/ and VG_100K_2/ inside it)")
+    p.add_argument(
+        "--image-data", default=None, help="image_data.json: coco_id of each image, recorded sizes, paths"
+    )
+    p.add_argument(
+        "--exclude-karpathy",
+        default=None,
+        metavar="SPLIT_FILE",
+        help="leave out VG images that are COCO images of this Karpathy file's --exclude-splits "
+        "(needs --image-data)",
+    )
+    p.add_argument(
+        "--exclude-splits",
+        type=_names,
+        default=("val", "test"),
+        help="Karpathy splits whose images --exclude-karpathy leaves out (val,test)",
+    )
+    p.add_argument(
+        "--max-phrases", type=positive_int, default=None, help="at most this many phrases per image (all)"
+    )
+    _add_writer_options(p)
+    p.set_defaults(func=_cmd_from_vg)
+
     p = sub.add_parser("synth", help="synthetic grounding dataset: DIR/train, DIR/val, DIR/tokenizer")
     p.add_argument("--out", required=True, help="output folder (e.g. data/synth)")
+    p.add_argument(
+        "--kind",
+        choices=("shapes", "scenes"),
+        default="shapes",
+        help="shapes: coloured shapes on textures (default); scenes: drawn everyday objects in cluttered "
+        "photo-like scenes, a second dataset designed apart from the first",
+    )
     p.add_argument("--train-samples", type=non_negative_int, default=10_000, help="train samples (10000)")
     p.add_argument("--val-samples", type=non_negative_int, default=1_000, help="validation samples (1000)")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (128, at least 32)")

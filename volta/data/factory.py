@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -88,9 +88,13 @@ def build_train_loader(
     world_size: int | None = None,
     epoch: int,
     start_batch: int = 0,
+    consumed: Mapping[int, int] | Mapping[str, int] | None = None,
     pin_memory: bool = False,
 ) -> DataLoader[VoltaBatch]:
     """The training DataLoader of one rank for one epoch, resuming at ``start_batch`` (a batch's ``position``).
+
+    ``consumed`` is the ``position["consumed"]`` maps of the epoch's batches read so far, merged; with it the
+    resumed batches are those of the uninterrupted run, corrupt images before the resume point included.
 
     Each batch holds ``train.micro_batch_size`` samples; ``data.num_workers`` worker processes (forkserver, not
     persistent) read disjoint shard streams. ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE``
@@ -115,7 +119,7 @@ def build_train_loader(
             blur_p=views.blur_p,
             solarize_p=views.solarize_p,
         ),
-        text_views=TextViews(views.text_aug_p),
+        text_views=TextViews(views.text_aug_p, rate=views.text_aug_rate),
         batch_size=config.train.micro_batch_size,
         batches_per_epoch=batches_per_epoch(config, world_size),
         max_length=config.model.text.max_length,
@@ -126,9 +130,11 @@ def build_train_loader(
         world_size=world_size,
         num_workers=data.num_workers,
         start_batch=start_batch,
+        consumed=consumed,
         shuffle_buffer=data.shuffle_buffer,
         max_image_pixels=data.max_image_pixels,
         s3=s3,
+        render_on=views.render_on,
     )
     log.info(
         "train loader: rank %d/%d epoch %d, %d shards, %d batches of %d from batch %d, %d workers",

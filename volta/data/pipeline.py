@@ -9,21 +9,32 @@ Training stream of one DataLoader worker (all stages are plain, picklable object
    (resampling) instead of stopping, so every rank yields the same number of batches.
 2. **Read and check** (webdataset's tar iterator and key grouping): samples with a missing or unreadable part are
    skipped and counted by reason (:data:`SKIP_REASONS`); a truncated or unreadable shard stops at the break,
-   is counted, and the stream goes on with its next shard. The checks here are cheap: the image header is
-   parsed, the pixels are not decoded.
-3. **Fast-forward** (resume only): skip ``b x B`` checked samples without decoding them, where ``b`` is the
-   worker's first batch to produce.
-4. **Shuffle** in a seeded buffer of ``shuffle_buffer`` samples (raw bytes, before decoding).
+   is counted, and the stream goes on with its next shard. Every sample read whole before the break is kept
+   (:func:`iter_shard_samples`), and as each shard belongs to one stream, the loss shifts no other stream. The
+   checks here are cheap: the image header is parsed, the pixels are not decoded.
+3. **Shuffle** in a seeded buffer of ``shuffle_buffer`` samples (raw bytes, before decoding).
+4. **Fast-forward** (resume only): draw and drop the first ``c`` shuffled samples without decoding them, where
+   ``c`` is how many this worker role had drawn by the end of its last batch before the resume point.
 5. **Decode** the image (a corrupt body is skipped and counted), build two image views and two caption views,
    each seeded from ``(seed, epoch, rank, worker, sample index)``.
-6. **Batch**: tokenise, MLM-mask, and attach the skip counts and the resume position (:class:`TrainCollate`).
+6. **Batch**: tokenise, MLM-mask, and attach the skip counts and the resume position (:class:`TrainCollate`):
+   ``{"epoch", "next_batch", "consumed": {role: c}}``, ``c`` counting the shuffled samples drawn so far,
+   corrupt bodies included.
 
 Batch ``i`` of a rank's epoch comes from worker ``i mod N`` (the DataLoader's round-robin order). Resuming at
-``(epoch, start_batch=k)`` gives DataLoader worker ``j`` the role of worker ``(k + j) mod N`` starting at its
-batch ``(k + j) // N``, and fast-forwards raw samples as in step 3. With ``shuffle_buffer=0`` the batches after
-a resume are identical to the uninterrupted ones; with a buffer they hold the same samples up to one buffer
-window (the buffer restarts empty). Images whose header parses but whose body is corrupt are only detected
-when decoding, so each one before the resume point shifts the resumed stream by one sample.
+``(epoch, start_batch=k, consumed)``, ``consumed`` being the ``"consumed"`` maps of batches ``0..k-1`` merged,
+gives DataLoader worker ``j`` the role of worker ``(k + j) mod N`` starting at its batch ``(k + j) // N``, and
+fast-forwards as in step 4. Steps 1-3 are a pure function of the shards' bytes and the seed, so the replay
+rebuilds the shuffle buffer exactly as the interrupted run had it: **the resumed batches are the uninterrupted
+run's batches k, k+1, ...** (samples, order, views, masks, positions), with any shuffle buffer and with corrupt
+image bodies before the resume point. So over an interruption every sample is delivered as often as without
+one (once per epoch when the shards split evenly over the streams), and the skip counts of the replayed prefix
+are not reported again. This holds for the same
+shards, seed, world size and ``num_workers``; a shard cut short stays cut at the same place, and an S3 body that
+breaks off mid-stream is resumed byte-exactly (:mod:`volta.data.s3_opener`). A resume costs reading and
+checking, not decoding, the worker's samples before the resume point. A position without ``consumed`` (older
+checkpoints) assumes ``B`` drawn samples per batch: exact unless an image body before the resume point was
+corrupt, each of which then shifts that role's stream by one sample.
 """
 
 from __future__ import annotations
@@ -34,20 +45,23 @@ import json
 import logging
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain, groupby, islice
 from typing import IO, Any
 
+import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from volta.data.batch import EvalBatch, EvalCollate, TrainCollate, VoltaBatch, image_id
 from volta.data.s3 import S3Location
 from volta.data.shards import open_shard
 from volta.data.views import ImageViews, TextViews, eval_image_transform
+from volta.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -107,17 +121,19 @@ def iter_shard_samples(
     """Yield the raw samples of one shard (``{"__key__", "__url__", "<ext>": bytes, ...}``) in tar order.
 
     Never raises for bad data: a shard that cannot be opened counts as ``unreadable_shard``, one that breaks
-    off (truncated tar, read error after retries) as ``truncated_shard``, and the samples read before the break
-    are kept. The sample being assembled at the break is kept only if it has the same files as the sample
-    before it (a member is either read whole or not at all, so this tells a complete sample from a cut one).
+    off (truncated tar, read error after retries) as ``truncated_shard``, and every sample read whole before the
+    break is kept. A member is either read whole or not at all, so the sample being assembled at the break is
+    complete when the break fell inside a member of the next sample; when the break fell in a tar header (the
+    member's name unknown), it is kept only if it has the same files as the sample before it.
     """
     errors: list[BaseException] = []
+    in_flight = _MemberInFlight()
     yielded = 0
     previous: frozenset[str] | None = None
     pending: dict[str, Any] | None = None
     try:
         with open_shard(url, s3=s3) as stream:
-            for sample in group_by_keys(_files_until_error(stream, url, errors)):
+            for sample in group_by_keys(_files_until_error(stream, url, errors, in_flight)):
                 if pending is not None:
                     yielded += 1
                     previous = _parts(pending)
@@ -126,7 +142,7 @@ def iter_shard_samples(
     except Exception as exc:  # data errors of any kind must not kill a training run
         errors.append(exc)
         pending = None
-    if pending is not None and (not errors or _parts(pending) == previous):
+    if pending is not None and (not errors or _is_whole(pending, previous, in_flight.name)):
         yielded += 1
         yield pending
     if errors:
@@ -140,11 +156,33 @@ def _parts(sample: dict[str, Any]) -> frozenset[str]:
     return frozenset(k for k in sample if not k.startswith("__"))
 
 
-def _files_until_error(stream: IO[bytes], url: str, errors: list[BaseException]) -> Iterator[dict[str, Any]]:
+def _is_whole(sample: dict[str, Any], previous: frozenset[str] | None, broken_member: str | None) -> bool:
+    # The sample assembled when a shard broke off: whole if the member cut belongs to another sample; when the
+    # break fell in a header (no member name), judged by having the same files as the sample before it.
+    if broken_member is not None:
+        return base_plus_ext(broken_member)[0] != sample["__key__"]
+    return _parts(sample) == previous
+
+
+class _MemberInFlight:
+    """webdataset's ``select_files`` hook: remembers the name of the tar member whose data is being read."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def __call__(self, name: str) -> bool:
+        self.name = name
+        return True
+
+
+def _files_until_error(
+    stream: IO[bytes], url: str, errors: list[BaseException], in_flight: _MemberInFlight
+) -> Iterator[dict[str, Any]]:
     # Ends the file stream quietly at the first read error, recording it, so the grouping stage can hand over
-    # the samples completed so far.
+    # the samples completed so far; ``in_flight.name`` is then the member whose data broke off (None: a header).
     try:
-        for f in tar_file_iterator(stream):
+        for f in tar_file_iterator(stream, select_files=in_flight):
+            in_flight.name = None  # read whole
             yield {**f, "__url__": url}
     except Exception as exc:
         errors.append(exc)
@@ -240,7 +278,10 @@ class TrainStream(IterableDataset[VoltaBatch]):
     """One rank's training batches for one epoch, split over DataLoader workers; use with ``batch_size=None``.
 
     Yields exactly ``batches_per_epoch - start_batch`` batches of ``batch_size`` samples in total over all
-    workers, in an order fixed by (seed, epoch, rank, world_size, num_workers). Constructing it does no I/O.
+    workers, in an order fixed by (seed, epoch, rank, world_size, num_workers). To resume after a batch, pass
+    its ``position``: ``start_batch=position["next_batch"]`` and ``consumed`` merged over the batches read so far
+    (without ``consumed``, each worker role skips ``batch_size`` samples per batch it made, exact unless an image
+    body was corrupt). Constructing it does no I/O.
     """
 
     def __init__(
@@ -260,9 +301,11 @@ class TrainStream(IterableDataset[VoltaBatch]):
         world_size: int,
         num_workers: int,
         start_batch: int = 0,
+        consumed: Mapping[int, int] | Mapping[str, int] | None = None,
         shuffle_buffer: int = 1000,
         max_image_pixels: int = 50_000_000,
         s3: S3Location | None = None,
+        render_on: str = "cpu",
     ) -> None:
         super().__init__()
         if not shards:
@@ -271,10 +314,26 @@ class TrainStream(IterableDataset[VoltaBatch]):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if not 0 <= start_batch <= batches_per_epoch:
             raise ValueError(f"start_batch must be in [0, {batches_per_epoch}], got {start_batch}")
+        workers = max(1, num_workers)
+        self.consumed = {int(role): int(n) for role, n in (consumed or {}).items()}
+        for worker in range(workers):
+            role, first_local = (start_batch + worker) % workers, (start_batch + worker) // workers
+            if self.consumed.get(role, first_local * batch_size) < first_local * batch_size:
+                raise ValueError(
+                    f"consumed[{role}]={self.consumed[role]} is fewer than the {first_local} batches of "
+                    f"{batch_size} that worker role {role} made before batch {start_batch}: a position of a "
+                    "run with other data settings?"
+                )
         self.shards = list(shards)
         self.image_views = image_views
         self.text_views = text_views
-        self.collate = TrainCollate(tokenizer, max_length=max_length, mlm_probability=mlm_probability)
+        self.collate = TrainCollate(
+            tokenizer,
+            max_length=max_length,
+            mlm_probability=mlm_probability,
+            image_size=image_views.image_size,
+        )
+        self.render_on = render_on
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
@@ -301,7 +360,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
                     yield checked
             empty_in_row = 0 if found else empty_in_row + 1
             if empty_in_row >= len(self.shards):
-                raise RuntimeError(
+                raise DataError(
                     f"{empty_in_row} shards in a row gave no usable sample; skip counts: {counter.counts}"
                 )
 
@@ -328,44 +387,44 @@ class TrainStream(IterableDataset[VoltaBatch]):
             ((0, s) for s in self._checked_samples(islice(urls, own), counter)),
             ((1, s) for s in self._checked_samples(urls, counter)),
         )
-        skip = first_local * self.batch_size
-        if skip:
-            tagged = islice(tagged, skip, None)
-            head = next(tagged)  # consumes the skipped prefix now, so its counts can be dropped
-            counter.take()  # those skips were reported by the interrupted run
-            tagged = chain([head], tagged)
         if self.shuffle_buffer > 0:
             rng = random.Random(stable_seed(self.seed, "buffer", self.epoch, self.rank, role))
             samples = _shuffle_segments(tagged, self.shuffle_buffer, rng)
         else:
             samples = (s for _, s in tagged)
-        index = skip  # index of the next delivered sample in this worker's stream
+        # Fast-forward: replay the stream, shuffle included, up to where this role's next batch began.
+        consumed = self.consumed.get(role, first_local * self.batch_size)
+        if consumed:
+            deque(islice(samples, consumed), maxlen=0)  # read and shuffled, not decoded
+            counter.take()  # those skips were reported by the interrupted run
+        index = first_local * self.batch_size  # index of the next delivered sample in this worker's stream
         done = 0
         batch: list[dict[str, Any]] = []
         for sample in samples:
+            consumed += 1
+            sample_seed = stable_seed(self.seed, self.epoch, self.rank, role, index)
+            width, height = sample["size"]
             try:
-                img = decode_image(sample["image_bytes"])
+                array, plan = self.image_views.decode(
+                    sample["image_bytes"], self.image_views.plan(width, height, sample_seed)
+                )
             except Exception:
                 counter.add("corrupt_image")
                 continue
-            sample_seed = stable_seed(self.seed, self.epoch, self.rank, role, index)
             index += 1
-            image1, image2 = self.image_views(img, seed=sample_seed)  # (3, S, S) each
-            caption1, caption2 = self.text_views(sample["caption"], random.Random(sample_seed))
-            batch.append(
-                {
-                    "key": sample["key"],
-                    "image_id": image_id(sample["image_bytes"]),
-                    "image1": image1,
-                    "image2": image2,
-                    "caption1": caption1,
-                    "caption2": caption2,
-                    "mlm_seed": stable_seed(sample_seed, "mlm"),
-                }
+            item: dict[str, Any] = {"key": sample["key"], "image_id": image_id(sample["image_bytes"])}
+            if self.render_on == "device":
+                item |= {"raw": torch.from_numpy(array.copy()), "plan": plan}  # (H, W, 3) uint8, writable
+            else:
+                item["image1"], item["image2"] = self.image_views.render(array, plan)  # (3, S, S) uint8 each
+            item["caption1"], item["caption2"] = self.text_views(
+                sample["caption"], random.Random(sample_seed)
             )
+            item["mlm_seed"] = stable_seed(sample_seed, "mlm")
+            batch.append(item)
             if len(batch) == self.batch_size:
                 global_index = (first_local + done) * workers + role
-                position = {"epoch": self.epoch, "next_batch": global_index + 1}
+                position = {"epoch": self.epoch, "next_batch": global_index + 1, "consumed": {role: consumed}}
                 yield self.collate(batch, counter.take(), position)
                 batch = []
                 done += 1

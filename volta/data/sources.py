@@ -1,4 +1,5 @@
-"""Inputs that ``volta data`` turns into shards: images with a captions table, and COCO annotations.
+"""Inputs that ``volta data`` turns into shards: images with a captions table, COCO annotations, and the
+paper's data (COCO with the Karpathy split file, Visual Genome region descriptions).
 
 Each source yields lightweight records (a path, a caption, metadata) in a stable order; :func:`encode_record`
 reads and encodes the image only when a writer needs it, so resuming a conversion skips the image work of
@@ -11,9 +12,9 @@ import csv
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from volta.data.writers import ShardSample, encode_image, scale_boxes
@@ -27,7 +28,10 @@ __all__ = [
     "coco_records",
     "encode_record",
     "folder_records",
+    "karpathy_coco_ids",
+    "karpathy_records",
     "read_caption_table",
+    "visual_genome_records",
 ]
 
 IMAGE_COLUMNS = ("image", "file", "filename", "file_name", "path")
@@ -126,23 +130,34 @@ def _folder_records(root: Path, pairs: list[tuple[str, str]]) -> Iterator[Source
 def _readable(path: Path) -> bool:
     # Header check only (cheap): a file that is not an image at all is dropped at listing time, so the sample
     # order, and with it the shard layout used to resume a conversion, never depends on a later failure.
+    return _image_size(path) is not None
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    # (width, height) from the header; None for a missing file, a non-image or an empty image.
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return image.size[0] > 0 and image.size[1] > 0
+            width, height = image.size
     except (UnidentifiedImageError, OSError):
-        return False
+        return None
+    return (width, height) if width > 0 and height > 0 else None
 
 
-def _load_json(path: str | Path, what: str) -> dict[str, Any]:
+def _read_json(path: str | Path, what: str) -> Any:
     source = Path(path)
     if not source.is_file():
         raise SourceError(f"{what} not found: {source}")
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
+        return json.loads(source.read_text(encoding="utf-8"))
     except ValueError as err:
         raise SourceError(f"{source}: not valid JSON ({err})") from err
+
+
+def _load_json(path: str | Path, what: str) -> dict[str, Any]:
+    source = Path(path)
+    data = _read_json(source, what)
     if not isinstance(data, dict) or "annotations" not in data:
         raise SourceError(f"{source}: not a COCO annotation file (no 'annotations')")
     return data
@@ -227,6 +242,298 @@ def _coco_records(
             yield SourceRecord(path, caption, meta)
     if missing:
         log.warning("%d images named in the captions file are missing or unreadable", missing)
+
+
+# ------------------------------------------------------------------------------- the paper's data
+KARPATHY_TRAIN_SPLITS = ("train", "restval")
+KARPATHY_EVAL_SPLITS = ("val", "test")
+_KARPATHY_FORMAT = (
+    'expected {"images": [{"filepath", "filename", "split", "cocoid", "sentences": [{"raw"}, ...]}, ...]}'
+)
+_VG_REGIONS_FORMAT = (
+    'expected a list of {"id", "regions": [{"region_id", "phrase", "x", "y", "width", "height"}, ...]}'
+)
+_VG_IMAGE_DATA_FORMAT = 'expected a list of {"image_id", "width", "height", "url", "coco_id"}'
+
+
+def _field(entry: Any, *keys: str) -> Any:
+    # The first of ``keys`` present (and not null) in a JSON object; ValueError naming them all otherwise.
+    if isinstance(entry, dict):
+        for key in keys:
+            if entry.get(key) is not None:
+                return entry[key]
+    raise ValueError(f"no {' or '.join(repr(k) for k in keys)}")
+
+
+@dataclass(frozen=True, slots=True)
+class _KarpathyImage:
+    image_id: int
+    relpath: str  # "filepath/filename", relative to the images root
+    split: str
+    sentences: tuple[tuple[int, str], ...]  # (sentence id, caption)
+
+
+def _read_karpathy(split_file: str | Path) -> list[_KarpathyImage]:
+    source = Path(split_file)
+    data = _read_json(source, "Karpathy split file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise SourceError(f"{source}: not a Karpathy split file ({_KARPATHY_FORMAT})")
+    images = []
+    for i, entry in enumerate(data["images"]):
+        try:
+            filepath = str(entry.get("filepath") or "") if isinstance(entry, dict) else ""
+            sentences = _field(entry, "sentences")
+            if not isinstance(sentences, list):
+                raise ValueError("'sentences' is not a list")
+            captions = tuple(
+                (int(s.get("sentid", j)) if isinstance(s, dict) else j, str(_field(s, "raw")).strip())
+                for j, s in enumerate(sentences)
+            )
+            images.append(
+                _KarpathyImage(
+                    int(_field(entry, "cocoid", "imgid")),  # Flickr30k's file has imgid and no filepath
+                    str(PurePosixPath(filepath) / str(_field(entry, "filename"))),
+                    str(_field(entry, "split")),
+                    tuple(c for c in captions if c[1]),
+                )
+            )
+        except (TypeError, ValueError) as err:
+            raise SourceError(f"{source}: images[{i}]: {err} ({_KARPATHY_FORMAT})") from err
+    return images
+
+
+def _select_splits(
+    images: list[_KarpathyImage], splits: Collection[str], source: Path
+) -> list[_KarpathyImage]:
+    present = {image.split for image in images}
+    unknown = sorted(set(splits) - present)
+    if not splits or unknown:
+        raise SourceError(
+            f"{source}: no image in split {', '.join(unknown) or '(none asked for)'} "
+            f"(the file has {', '.join(sorted(present)) or 'no images'})"
+        )
+    return [image for image in images if image.split in splits]
+
+
+def karpathy_records(
+    split_file: str | Path, images_root: str | Path, splits: Collection[str] = KARPATHY_TRAIN_SPLITS
+) -> Iterator[SourceRecord]:
+    """Records of the images of ``splits`` in a Karpathy split file (``dataset_coco.json``), one per sentence.
+
+    Images are ``images_root/filepath/filename`` (``val2014/COCO_val2014_...jpg`` under the COCO root), in file
+    order; a missing or unreadable image is skipped with a warning and counted. ``image_id`` (the COCO id),
+    ``caption_id`` (``sentid``), ``split`` and ``source`` are kept in the metadata. Raises
+    :class:`SourceError` for an unusable file or a split the file does not have.
+    """
+    root = Path(images_root)
+    if not root.is_dir():
+        raise SourceError(f"images folder not found: {root}")
+    images = _select_splits(_read_karpathy(split_file), splits, Path(split_file))
+    return _karpathy_records(root, images)
+
+
+def karpathy_coco_ids(
+    split_file: str | Path, splits: Collection[str] = KARPATHY_EVAL_SPLITS
+) -> frozenset[int]:
+    """The COCO ids of the images in ``splits`` of a Karpathy split file (by default its val and test images)."""
+    return frozenset(
+        image.image_id for image in _select_splits(_read_karpathy(split_file), splits, Path(split_file))
+    )
+
+
+def _karpathy_records(root: Path, images: list[_KarpathyImage]) -> Iterator[SourceRecord]:
+    missing = 0
+    for image in images:
+        path = root / image.relpath
+        if not path.is_file() or not _readable(path):
+            missing += 1
+            log.warning("skipping image %d: %s missing or not an image", image.image_id, path)
+            continue
+        for sentence_id, caption in image.sentences:
+            meta = {
+                "image_id": image.image_id,
+                "caption_id": sentence_id,
+                "split": image.split,
+                "source": image.relpath,
+            }
+            yield SourceRecord(path, caption, meta)
+    if missing:
+        log.warning("%d of %d images of the Karpathy split are missing or unreadable", missing, len(images))
+
+
+@dataclass(frozen=True, slots=True)
+class _VGRegion:
+    region_id: int
+    phrase: str  # whitespace collapsed
+    box: tuple[float, float, float, float]  # x, y, w, h in pixels of the image_data size
+
+
+@dataclass(frozen=True, slots=True)
+class _VGImageInfo:
+    coco_id: int | None
+    size: tuple[float, float] | None  # (width, height) the region boxes refer to
+    relpath: str | None  # "VG_100K_2/1.jpg", from the url
+
+
+def _read_vg_regions(regions_file: str | Path) -> dict[int, list[_VGRegion]]:
+    source = Path(regions_file)
+    data = _read_json(source, "region descriptions file")
+    if not isinstance(data, list):
+        raise SourceError(f"{source}: not a Visual Genome region descriptions file ({_VG_REGIONS_FORMAT})")
+    regions: dict[int, list[_VGRegion]] = defaultdict(list)
+    for i, entry in enumerate(data):
+        try:
+            image_regions = _field(entry, "regions")
+            if not isinstance(image_regions, list):
+                raise ValueError("'regions' is not a list")
+            if not image_regions:
+                continue  # an image without regions gives no sample
+            image_id = _vg_image_id(entry, image_regions[0])
+            for region in image_regions:
+                phrase = " ".join(str(_field(region, "phrase")).split())
+                x, y, w, h = (float(_field(region, key)) for key in ("x", "y", "width", "height"))
+                if phrase:
+                    region_id = int(_field(region, "region_id", "id"))
+                    regions[image_id].append(_VGRegion(region_id, phrase, (x, y, w, h)))
+        except (TypeError, ValueError) as err:
+            raise SourceError(f"{source}: entry {i}: {err} ({_VG_REGIONS_FORMAT})") from err
+    return regions
+
+
+def _vg_image_id(entry: dict[str, Any], first_region: Any) -> int:
+    # The entry's own id ("id" in VG 1.2, "image_id" in some copies), else the image_id its regions carry.
+    for key in ("id", "image_id"):
+        if entry.get(key) is not None:
+            return int(entry[key])
+    return int(_field(first_region, "image_id"))
+
+
+def _read_vg_image_data(image_data: str | Path) -> dict[int, _VGImageInfo]:
+    source = Path(image_data)
+    data = _read_json(source, "image data file")
+    if not isinstance(data, list):
+        raise SourceError(f"{source}: not a Visual Genome image data file ({_VG_IMAGE_DATA_FORMAT})")
+    infos = {}
+    for i, entry in enumerate(data):
+        try:
+            image_id = int(_field(entry, "image_id", "id"))
+            coco_id = entry.get("coco_id")
+            width, height = entry.get("width"), entry.get("height")
+            url = entry.get("url")
+            infos[image_id] = _VGImageInfo(
+                None if coco_id is None else int(coco_id),
+                None if width is None or height is None else (float(width), float(height)),
+                "/".join(str(url).rstrip("/").split("/")[-2:]) if url else None,
+            )
+        except (TypeError, ValueError) as err:
+            raise SourceError(f"{source}: entry {i}: {err} ({_VG_IMAGE_DATA_FORMAT})") from err
+    return infos
+
+
+def visual_genome_records(
+    regions_file: str | Path,
+    images_dir: str | Path,
+    image_data: str | Path | None = None,
+    *,
+    exclude_coco_ids: Collection[int] = (),
+    max_phrases_per_image: int | None = None,
+) -> Iterator[SourceRecord]:
+    """Records from Visual Genome region descriptions: one per distinct phrase of an image, with its boxes.
+
+    The caption is the region phrase and ``boxes`` holds ``{"phrase": caption, "bbox": [x, y, w, h], "type":
+    "vg_region"}`` for every region of the image with that phrase (case-insensitive), clipped to the image, so
+    the pointing game grounds the whole caption. Images are found as ``images_dir/{id}.jpg``, under
+    ``VG_100K/`` or ``VG_100K_2/``, or at the path in the ``image_data`` url; with ``image_data`` boxes are
+    rescaled when the file's size differs from the recorded one, ``coco_id`` is kept, and images whose
+    ``coco_id`` is in ``exclude_coco_ids`` (e.g. :func:`karpathy_coco_ids`: no test leakage) are left out.
+    Images in id order, phrases in region-id order, at most ``max_phrases_per_image`` each. Missing images are
+    skipped and counted. Raises :class:`SourceError` on unusable inputs.
+    """
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise SourceError(f"images folder not found: {root}")
+    if exclude_coco_ids and image_data is None:
+        raise SourceError("excluding COCO images needs image_data.json: it holds each Visual Genome coco_id")
+    if max_phrases_per_image is not None and max_phrases_per_image < 1:
+        raise SourceError(f"max_phrases_per_image must be >= 1, got {max_phrases_per_image}")
+    regions = _read_vg_regions(regions_file)
+    infos = {} if image_data is None else _read_vg_image_data(image_data)
+    return _vg_records(root, regions, infos, frozenset(exclude_coco_ids), max_phrases_per_image)
+
+
+def _vg_image_path(root: Path, image_id: int, info: _VGImageInfo | None) -> Path | None:
+    names = [f"{image_id}.jpg", f"VG_100K/{image_id}.jpg", f"VG_100K_2/{image_id}.jpg"]
+    if info is not None and info.relpath:
+        names = [info.relpath, info.relpath.rsplit("/", 1)[-1], *names]
+    return next((root / name for name in names if (root / name).is_file()), None)
+
+
+def _clip_box(
+    box: tuple[float, float, float, float], scale: tuple[float, float], size: tuple[int, int]
+) -> list[float] | None:
+    # VG boxes may reach past the image; the part inside it, in the file's pixels, or None when nothing is.
+    x, y, w, h = box
+    x0, y0 = max(0.0, x * scale[0]), max(0.0, y * scale[1])
+    x1, y1 = min(float(size[0]), (x + w) * scale[0]), min(float(size[1]), (y + h) * scale[1])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
+def _vg_records(
+    root: Path,
+    regions: dict[int, list[_VGRegion]],
+    infos: dict[int, _VGImageInfo],
+    exclude: frozenset[int],
+    max_phrases: int | None,
+) -> Iterator[SourceRecord]:
+    missing = excluded = empty = 0
+    for image_id in sorted(regions):
+        info = infos.get(image_id)
+        if info is not None and info.coco_id is not None and info.coco_id in exclude:
+            excluded += 1
+            continue
+        path = _vg_image_path(root, image_id, info)
+        size = None if path is None else _image_size(path)
+        if path is None or size is None:
+            missing += 1
+            where = path or root / f"{image_id}.jpg"
+            log.warning("skipping Visual Genome image %d: %s missing or not an image", image_id, where)
+            continue
+        # The boxes are in pixels of the recorded size; a downscaled copy of the image scales them.
+        scale = (
+            (1.0, 1.0)
+            if info is None or info.size is None
+            else (size[0] / info.size[0], size[1] / info.size[1])
+        )
+        by_phrase: dict[str, list[_VGRegion]] = {}
+        for region in sorted(regions[image_id], key=lambda r: r.region_id):
+            by_phrase.setdefault(region.phrase.lower(), []).append(region)
+        written = 0
+        for group in by_phrase.values():
+            caption = group[0].phrase
+            kept = [(r.region_id, b) for r in group if (b := _clip_box(r.box, scale, size)) is not None]
+            if not kept:
+                empty += 1
+                continue
+            meta: dict[str, Any] = {
+                "image_id": image_id,
+                "region_ids": [region_id for region_id, _ in kept],
+                "source": path.relative_to(root).as_posix(),
+                "boxes": [{"phrase": caption, "bbox": bbox, "type": "vg_region"} for _, bbox in kept],
+            }
+            if info is not None and info.coco_id is not None:
+                meta["coco_id"] = info.coco_id
+            yield SourceRecord(path, caption, meta)
+            written += 1
+            if max_phrases is not None and written >= max_phrases:
+                break
+    if excluded:
+        log.info("left out %d Visual Genome images whose coco_id is excluded", excluded)
+    if empty:
+        log.warning("dropped %d phrases whose boxes lie outside their image", empty)
+    if missing:
+        log.warning("%d of %d Visual Genome images are missing or unreadable", missing, len(regions))
 
 
 def encode_record(record: SourceRecord, max_size: int | None = None) -> ShardSample:

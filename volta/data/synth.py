@@ -5,7 +5,8 @@ ones, on a random low-saturation texture (noise, stripes, gradient, checkers). N
 share colour and shape, so a phrase such as "red circle" names exactly one box. The caption names 1-3 of the
 objects through varied templates, with spatial relations computed from the drawn positions ("a red circle to
 the left of a small blue star"); the JSON carries one box per named object, every object with its visible
-fraction, and ``label`` = the shape index of the largest object by box area (a target for the linear probe).
+fraction, ``label`` = the shape index of the largest object by box area (a target for the linear probe) and
+``word_classes``, the class of each content word of the caption (:func:`word_class_map`).
 Sample ``i`` of a split depends only on ``(seed, split, i)``, so generation is reproducible byte for byte,
 resumable and parallel.
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,9 +36,11 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SPLIT_IDS",
+    "WORD_CLASSES",
     "SceneObject",
     "make_scene",
     "synth_sample",
+    "word_class_map",
     "write_synth_dataset",
     "write_synth_split",
 ]
@@ -280,6 +284,26 @@ def _region(obj: SceneObject, side: int) -> str:
 
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
+# The class of every content word the captions use (meta ``word_classes``); the other words ("a", "of", "there",
+# "is", ...) are function words and have none. Background words describe the whole picture: class "scene".
+WORD_CLASSES: dict[str, str] = {
+    **dict.fromkeys(COLORS, "attribute"),
+    **dict.fromkeys(SIZES, "attribute"),
+    **dict.fromkeys((*SHAPES, "shapes"), "object"),
+    **dict.fromkeys(("left", "right", "above", "below", *_REGION_ROWS, *_REGION_COLS), "relation"),
+    **dict.fromkeys(_NUMBER_WORDS.values(), "count"),
+    **dict.fromkeys((*BACKGROUNDS.values(), "background", "image", "picture"), "scene"),
+}
+
+
+def word_class_map(caption: str, vocabulary: Mapping[str, str]) -> dict[str, str]:
+    """The meta's ``word_classes``: each word of ``caption`` (lower case, a ``\\w+`` run) that ``vocabulary``
+    classes, mapped to its class ("attribute", "object", "relation", "count" or "scene").
+
+    A word has one class per caption; the grounding evaluation reads the map to report pointing per class.
+    """
+    return {w: vocabulary[w] for w in re.findall(r"\w+", caption.lower()) if w in vocabulary}
+
 
 def make_caption(
     rng: np.random.Generator, objects: Sequence[SceneObject], background: str, side: int
@@ -347,6 +371,7 @@ def synth_sample(index: int, *, seed: int = 0, split: int = 0, image_size: int =
         ],
         "background": background,
         "caption_source": "synth",
+        "word_classes": word_class_map(caption, WORD_CLASSES),
     }
     return ShardSample(buf.getvalue(), "jpg", caption, meta)
 
@@ -361,14 +386,16 @@ def write_synth_split(
     samples_per_shard: int = 1000,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    sample_fn: Callable[..., ShardSample] = synth_sample,
 ) -> dict[str, int]:
     """Write ``num_samples`` synthetic samples as shards + ``sizes.json`` into ``out_dir``; return it.
 
     Complete shards of an earlier run with the same arguments are kept as they are. ``workers > 1`` generates
     in a process pool; the output is identical for any worker count. ``progress`` is called with each sample
-    count.
+    count. ``sample_fn(index, seed=, split=, image_size=)`` makes one sample (another dataset's generator, e.g.
+    :func:`volta.data.synth_scenes.scene_sample`; it must be picklable for ``workers > 1``).
     """
-    make = partial(synth_sample, seed=seed, split=split, image_size=image_size)
+    make = partial(sample_fn, seed=seed, split=split, image_size=image_size)
     pool = None
     if workers > 1:
         import multiprocessing
@@ -405,11 +432,12 @@ def write_synth_dataset(
     tokenizer_vocab_size: int | None = 1024,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    sample_fn: Callable[..., ShardSample] = synth_sample,
 ) -> dict[str, dict[str, int]]:
     """Write ``out_dir/train``, ``out_dir/val`` (one seed stream per split) and ``out_dir/tokenizer``.
 
     The tokenizer is a byte-level BPE trained on the train captions (skipped when ``tokenizer_vocab_size`` is
-    None). Returns the ``sizes.json`` manifest of each split.
+    None). Returns the ``sizes.json`` manifest of each split. ``sample_fn`` as in :func:`write_synth_split`.
     """
     out = Path(out_dir)
     sizes = {}
@@ -423,6 +451,7 @@ def write_synth_dataset(
             samples_per_shard=samples_per_shard,
             workers=workers,
             progress=progress,
+            sample_fn=sample_fn,
         )
     if tokenizer_vocab_size is not None:
         from volta.data.inspect import iter_captions

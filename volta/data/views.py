@@ -1,61 +1,60 @@
 """The two augmented views of every sample (docs/method.md section 3): image views and EDA-style caption views.
 
-Image views compose torchvision v2 transforms: RandomResizedCrop (bicubic) to the model's input size, horizontal
-flip, colour jitter with probability, grayscale with probability, then per view a Gaussian blur (p 1.0 / 0.1) and
-solarisation (p 0 / 0.2), and ImageNet normalisation. Caption views apply one random EDA operation (random
-insertion, random swap or random deletion at rate 0.1) with probability ``text_aug_p``; synonym replacement is
-left out because WordNet is not available offline. Both are deterministic given a seed, so the pipeline can
+Image views (parameters and pixels in :mod:`volta.data.augment`): RandomResizedCrop to the model's input size,
+horizontal flip, colour jitter with probability, grayscale with probability, then per view a Gaussian blur
+(p 1.0 / 0.1) and solarisation (p 0 / 0.2); they stay uint8 and are ImageNet-normalised on the training device
+(:func:`normalize_images`). Caption views apply one random EDA operation (random
+insertion, random swap or random deletion of 10-20% of the words) to every view (``text_aug_p`` 1.0); synonym
+replacement is left out because WordNet is not available offline. Both are deterministic given a seed, so the pipeline can
 reproduce a batch exactly.
 """
 
 from __future__ import annotations
 
+import io
 import random
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
+
+from volta.data.augment import ViewParams, ViewRecipe, draft_scale, render_view
+
+ViewPair = tuple[ViewParams, ViewParams]
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "GaussianBlur",
     "ImageViews",
     "TextViews",
     "eda_augment",
     "eval_image_transform",
+    "normalize_images",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class GaussianBlur:
-    """Gaussian blur of a uint8 (C, H, W) tensor with sigma drawn uniformly from ``sigma`` (torch RNG).
-
-    Runs PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` (extended box blurs, constant cost per pixel, as in
-    the BYOL/Barlow Twins recipes): at 224 px it is several times cheaper than torchvision's full 2-D kernel of
-    side 23, which dominated the cost of a view.
-    """
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.sigma = sigma
-
-    def __call__(self, image: Tensor) -> Tensor:
-        sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
-        pil = Image.fromarray(image.permute(1, 2, 0).numpy())  # (H, W, C) uint8
-        blurred = np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=sigma)))
-        return torch.from_numpy(blurred.copy()).permute(2, 0, 1).contiguous()  # (C, H, W)
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 (..., 3, H, W) in [0, 255] -> float32 ImageNet-normalised, on the images' device (the last step of
+    the training views: workers ship uint8, a quarter of the bytes, and the device does this)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std
 
 
 class ImageViews:
-    """Two independently augmented views of an image, as normalised float tensors of shape (3, S, S).
+    """Two independently augmented views of an image, as uint8 tensors of shape (3, S, S).
 
-    The transforms of the two views differ only in their blur and solarize probabilities (``blur_p[i]``,
-    ``solarize_p[i]``). Calling with a seed makes the result a pure function of (image, seed) without touching
-    the caller's global torch RNG state.
+    The two views' recipes differ only in their blur and solarize probabilities (``blur_p[i]``,
+    ``solarize_p[i]``). Parameters come from :class:`~volta.data.augment.ViewRecipe` with a ``random.Random``
+    seeded by the sample's seed, so a view is a pure function of (image, seed). :meth:`from_bytes` decodes JPEGs
+    at a reduced scale when both crops are at least twice the output size (libjpeg DCT scaling), which the
+    full-resolution decode would have thrown away by downsampling anyway.
     """
 
     def __init__(
@@ -71,33 +70,54 @@ class ImageViews:
         solarize_p: tuple[float, float] = (0.0, 0.2),
     ) -> None:
         self.image_size = image_size
-        self.transforms = [
-            v2.Compose(
-                [
-                    # uint8 tensors first: torchvision's tensor kernels are faster than PIL for the colour ops.
-                    v2.PILToTensor(),
-                    v2.RandomResizedCrop(
-                        image_size, scale=crop_scale, interpolation=InterpolationMode.BICUBIC, antialias=True
-                    ),
-                    v2.RandomHorizontalFlip(hflip_p),
-                    v2.RandomApply([v2.ColorJitter(*color_jitter)], p=color_jitter_p),
-                    v2.RandomGrayscale(grayscale_p),
-                    v2.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=blur_p[i]),
-                    v2.RandomSolarize(threshold=128, p=solarize_p[i]),
-                    v2.ToDtype(torch.float32, scale=True),
-                    v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                ]
+        self.recipes = tuple(
+            ViewRecipe(
+                image_size,
+                crop_scale=crop_scale,
+                hflip_p=hflip_p,
+                color_jitter=color_jitter,
+                color_jitter_p=color_jitter_p,
+                grayscale_p=grayscale_p,
+                blur_p=blur_p[i],
+                solarize_p=solarize_p[i],
             )
             for i in (0, 1)
-        ]
+        )
 
-    def __call__(self, image: Image.Image, seed: int | None = None) -> tuple[Tensor, Tensor]:
-        """Return (view1, view2), each (3, S, S) float32; deterministic when ``seed`` is given."""
-        if seed is None:
-            return self.transforms[0](image), self.transforms[1](image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transforms[0](image), self.transforms[1](image)  # (3, S, S) each
+    def plan(self, width: int, height: int, seed: int) -> tuple[ViewParams, ViewParams]:
+        """Both views' parameters for a ``width x height`` image, drawn from ``random.Random(seed)``."""
+        rng = random.Random(seed)
+        return self.recipes[0].sample(width, height, rng), self.recipes[1].sample(width, height, rng)
+
+    def decode(self, image_bytes: bytes, plan: tuple[ViewParams, ViewParams]) -> tuple[np.ndarray, ViewPair]:
+        """Decode to RGB uint8 (H, W, 3), at the reduced JPEG scale the plan allows; returns the array and the
+        plan mapped onto it. Raises on a corrupt body."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(image_bytes))
+            width, height = img.size
+            scale = draft_scale(plan, self.image_size)
+            if scale > 1 and img.format == "JPEG":
+                img.draft("RGB", (-(-width // scale), -(-height // scale)))
+            img.load()
+        array = np.asarray(img.convert("RGB"))  # (h, w, 3) uint8
+        fx, fy = width / array.shape[1], height / array.shape[0]
+        return array, (plan[0].scaled(fx, fy), plan[1].scaled(fx, fy))
+
+    def render(self, image: np.ndarray, plan: tuple[ViewParams, ViewParams]) -> tuple[Tensor, Tensor]:
+        """The two views of an RGB uint8 (H, W, 3) array as uint8 (3, S, S) tensors (OpenCV on this CPU)."""
+        views = (render_view(image, p, self.image_size) for p in plan)
+        return tuple(torch.from_numpy(v).permute(2, 0, 1).contiguous() for v in views)  # type: ignore[return-value]
+
+    def from_bytes(self, image_bytes: bytes, size: tuple[int, int], seed: int) -> tuple[Tensor, Tensor]:
+        """Decode and render both views of an encoded image whose (width, height) is ``size``."""
+        array, plan = self.decode(image_bytes, self.plan(*size, seed))
+        return self.render(array, plan)
+
+    def __call__(self, image: Image.Image, seed: int) -> tuple[Tensor, Tensor]:
+        """Return (view1, view2) of a decoded image, each uint8 (3, S, S); a pure function of (image, seed)."""
+        array = np.asarray(image.convert("RGB"))
+        return self.render(array, self.plan(image.width, image.height, seed))
 
 
 def eval_image_transform(image_size: int) -> v2.Compose:
@@ -130,20 +150,17 @@ def _random_swap(words: list[str], n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def _random_deletion(words: list[str], rate: float, rng: random.Random) -> list[str]:
+def _random_deletion(words: list[str], n: int, rng: random.Random) -> list[str]:
     if len(words) < 2:
         return list(words)
-    kept = [w for w in words if rng.random() >= rate]
-    # Never return an empty caption: keep one random word when every word was drawn for deletion.
-    return kept or [rng.choice(words)]
+    # Delete n distinct words, never all of them: a caption view keeps at least one word.
+    drop = set(rng.sample(range(len(words)), min(n, len(words) - 1)))
+    return [w for i, w in enumerate(words) if i not in drop]
 
 
 def eda_augment(caption: str, rng: random.Random, *, rate: float = 0.1) -> str:
-    """Apply one EDA operation chosen at random (insertion, swap or deletion) at ``rate``; never returns ''.
-
-    Insertion and swap act on ``max(1, round(rate x words))`` words; deletion drops each word with probability
-    ``rate`` but keeps at least one. A caption without words is returned unchanged.
-    """
+    """Apply one EDA operation chosen at random (insertion, swap or deletion) to ``max(1, round(rate x words))``
+    words; never returns ''. A caption without words is returned unchanged."""
     words = caption.split()
     if not words:
         return caption
@@ -154,21 +171,22 @@ def eda_augment(caption: str, rng: random.Random, *, rate: float = 0.1) -> str:
     elif op == 1:
         out = _random_swap(words, n, rng)
     else:
-        out = _random_deletion(words, rate, rng)
+        out = _random_deletion(words, n, rng)
     return " ".join(out)
 
 
 class TextViews:
-    """Two caption views: each is ``eda_augment(caption)`` with probability ``aug_p``, else the caption itself."""
+    """Two caption views (docs/method.md section 3): each is, with probability ``aug_p`` (1.0 in the method:
+    every view), one EDA operation touching a share of the words drawn uniformly from ``rate``."""
 
-    def __init__(self, aug_p: float = 0.1, *, rate: float = 0.1) -> None:
+    def __init__(self, aug_p: float = 1.0, *, rate: tuple[float, float] = (0.1, 0.2)) -> None:
         self.aug_p = aug_p
         self.rate = rate
 
     def view(self, caption: str, rng: random.Random) -> str:
         """One caption view drawn with ``rng``."""
         if rng.random() < self.aug_p:
-            return eda_augment(caption, rng, rate=self.rate)
+            return eda_augment(caption, rng, rate=rng.uniform(*self.rate))
         return caption
 
     def __call__(self, caption: str, rng: random.Random) -> tuple[str, str]:

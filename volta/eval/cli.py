@@ -1,4 +1,4 @@
-"""``volta eval retrieval|grounding|probe|all`` and ``volta visualize`` over a saved VoLTA checkpoint.
+"""``volta eval retrieval|grounding|probe|all|zeroshot`` and ``volta visualize`` over a saved VoLTA checkpoint.
 
 Evaluation commands print a JSON summary on stdout (machine-readable) and a table on stderr. The evaluation
 config is the checkpoint's own config with ``--set`` overrides, or ``--config RECIPE`` (+ ``--set``) with the
@@ -32,31 +32,21 @@ _BASELINE_SEED_OFFSET = 1000  # the probe's random encoder never shares the --ra
 
 
 # -------------------------------------------------------------------------------------------------- loading
-def _checkpoint_folder(path: str) -> Path:
-    p = Path(path)
-    if p.is_file():
-        p = p.parent  # a file inside the checkpoint folder (model.safetensors, config.yaml)
-    if not p.is_dir():
-        raise UsageError(f"--checkpoint {path}: no such checkpoint folder or file")
-    return p
+def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrainedTokenizerBase, Any, Path]:
+    """Model (trained or, with --random-init, fresh), evaluation config, tokenizer, device and checkpoint folder.
 
-
-def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrainedTokenizerBase, Any]:
-    """Model (trained or, with --random-init, fresh), evaluation config, tokenizer and device."""
-    import torch
-
+    The checkpoint is read as ``volta.load`` reads it (:func:`volta.api.load_checkpoint`): a checkpoint folder or
+    a file in it, a run folder, an engine checkpoint folder, or any of these on S3.
+    """
+    from volta.api import load_checkpoint, load_matching_tokenizer
     from volta.config import apply_overrides, config_from_dict, load_config
+    from volta.devices import resolve_device
     from volta.eval.linear_probe import fresh_model_like
-    from volta.models.export import load_volta_checkpoint
 
-    folder = _checkpoint_folder(args.checkpoint)
     try:
-        model, ckpt_cfg = load_volta_checkpoint(folder)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    except RuntimeError as err:  # weights that do not fit the architecture the folder describes
-        first = str(err).strip().splitlines()[0]
-        raise UsageError(f"--checkpoint {folder}: cannot load the weights ({first})") from None
+        model, ckpt_cfg, folder = load_checkpoint(args.checkpoint)
+    except UsageError as err:
+        raise UsageError(f"--checkpoint {err}") from None
     for item in args.overrides:
         if item.strip().startswith("model."):
             raise UsageError(f"--set {item}: the model is defined by the checkpoint and cannot be overridden")
@@ -66,29 +56,15 @@ def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrained
         cfg = config_from_dict(apply_overrides(ckpt_cfg.model_dump(mode="json"), args.overrides))
     if args.random_init:
         model = fresh_model_like(model, cfg.model, seed=args.seed)
-    tokenizer = _load_tokenizer(args.tokenizer or cfg.tokenizer_name)
-    if len(tokenizer) > model.vocab_size:
-        raise UsageError(
-            f"tokenizer {args.tokenizer or cfg.tokenizer_name!r} has {len(tokenizer)} tokens but the model's "
-            f"vocabulary has {model.vocab_size}: pass the run's tokenizer with --tokenizer"
-        )
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device available")
-        device = torch.device(args.device)
-    return model.to(device), cfg, tokenizer, device
-
-
-def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    from volta.data.tokenizer import load_tokenizer
-
     try:
-        return load_tokenizer(name)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load tokenizer {name!r} ({first}); pass --tokenizer FOLDER") from None
+        tokenizer = load_matching_tokenizer(args.tokenizer or cfg.tokenizer_name, model.vocab_size)
+    except UsageError as err:
+        raise UsageError(f"{err} (--tokenizer)") from None
+    try:
+        device = resolve_device(args.device)
+    except UsageError as err:
+        raise UsageError(f"--{err}") from None
+    return model.to(device), cfg, tokenizer, device, folder
 
 
 def _shards(args: argparse.Namespace, cfg: VoltaConfig) -> str | list[str]:
@@ -167,7 +143,7 @@ def _probe(
 # ------------------------------------------------------------------------------------------------- commands
 def _print_table(summary: dict[str, Any]) -> None:
     lines = [f"{k}: {summary[k]}" for k in ("checkpoint", "model", "shards", "samples")]
-    for section in ("retrieval", "grounding", "probe"):
+    for section in ("retrieval", "itm", "grounding", "probe", "zeroshot"):
         if section not in summary:
             continue
         values = summary[section]
@@ -189,13 +165,13 @@ def _print_table(summary: dict[str, Any]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from volta.eval.retrieval import evaluate_retrieval
 
-    model, cfg, tokenizer, device = _load(args)
+    model, cfg, tokenizer, device, folder = _load(args)
     shards = _shards(args, cfg)
     what = args.eval_command
     grounding = what == "grounding" or (what == "all" and cfg.eval.grounding)
     result = _pass(model, cfg, tokenizer, device, shards, args, grounding=grounding)
     summary: dict[str, Any] = {
-        "checkpoint": str(_checkpoint_folder(args.checkpoint)),
+        "checkpoint": str(folder),
         "model": f"random-init (seed {args.seed})" if args.random_init else "trained",
         "shards": shards,
         "samples": len(result.features),
@@ -203,6 +179,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     notes: dict[str, str] = {}
     if what in ("retrieval", "all"):
         summary["retrieval"] = evaluate_retrieval(result.features, cfg.eval.retrieval_ks)
+    if what == "all":
+        summary["itm"] = result.itm.summary() or None
     if what in ("grounding", "all"):
         if result.grounding.count:
             summary["grounding"] = result.grounding.summary()
@@ -234,6 +212,85 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file that are not ``#`` comments, stripped."""
+    return [
+        ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")
+    ]
+
+
+def _classnames(value: str) -> list[str]:
+    """``--classes``: a file with one class name per line, or names separated by commas."""
+    path = Path(value)
+    names = _lines(path) if path.is_file() else [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--classes {value}: no class names")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--classes {value}: class names repeated: {', '.join(repeated)}")
+    return names
+
+
+def _templates(value: str | None) -> list[str]:
+    """``--templates``: a file with one prompt template per line, or one template; default: the built-in set."""
+    from volta.eval.zeroshot import DEFAULT_TEMPLATES
+
+    if value is None:
+        return list(DEFAULT_TEMPLATES)
+    path = Path(value)
+    if path.is_file():
+        templates = _lines(path)
+    elif "{}" in value:
+        templates = [value]
+    else:
+        raise UsageError(f"--templates {value}: no such file (or a template with '{{}}' for the class name)")
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise UsageError(
+            f"--templates {value}: every template needs '{{}}' for the class name ({bad[:1] or 'none'})"
+        )
+    return templates
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from volta.api import VoltaDualEncoder
+    from volta.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+
+    classnames = _classnames(args.classes)
+    templates = _templates(args.templates)
+    model, cfg, tokenizer, _, folder = _load(args)
+    shards = _shards(args, cfg)
+    encoder = VoltaDualEncoder(model, cfg, tokenizer)
+    classifier = zeroshot_classifier(encoder, encoder.tokenizer, classnames, templates)
+    try:
+        result = zeroshot_accuracy(
+            encoder,
+            classifier,
+            classnames,
+            shards,
+            label_field=args.label_field,
+            batch_size=args.batch_size,
+            max_samples=args.max_samples or cfg.eval.max_samples,
+        )
+    except FileNotFoundError as err:
+        raise UsageError(f"--shards: {err}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    summary: dict[str, Any] = {
+        "checkpoint": str(folder),
+        "model": f"random-init (seed {args.seed})" if args.random_init else "trained",
+        "shards": shards,
+        "samples": int(result["n"]),
+        "zeroshot": result,
+        "class_names": classnames,
+        "templates": len(templates),
+    }
+    _print_table(summary)
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:80] or "sample"
 
@@ -248,7 +305,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         raise UsageError("visualize: give either --image IMG --caption TEXT or --shards PATH [--num N]")
     if args.image is not None and not args.caption:
         raise UsageError("visualize: --image needs --caption TEXT")
-    model, cfg, tokenizer, device = _load(args)
+    model, cfg, tokenizer, device, _ = _load(args)
     out = Path(args.out)
     if args.image is not None:
         try:
@@ -304,7 +361,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``volta eval`` (retrieval, grounding, probe, all) and ``volta visualize`` to the ``volta`` parser."""
+    """Add ``volta eval`` (retrieval, grounding, probe, all, zeroshot) and ``volta visualize`` to the parser."""
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint: retrieval, grounding, linear probe")
     sub = ev.add_subparsers(dest="eval_command", required=True)
     helps = {
@@ -332,6 +389,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         else:
             p.set_defaults(train_shards=None)
         p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "zeroshot", help="zero-shot top-1/top-5 accuracy from class-name prompts (JSON 'label')"
+    )
+    _add_model_arguments(p)
+    p.add_argument("--shards", default=None, help="labelled evaluation shards (default: data.val_shards)")
+    p.add_argument(
+        "--classes", required=True, help="class names: a file (one per line) or a comma-separated list"
+    )
+    p.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates with {} for the class name: a file (one per line) or one template "
+        "(default: a small OpenCLIP-like set)",
+    )
+    p.add_argument(
+        "--label-field",
+        default="label",
+        help="JSON field with each sample's class: an index into --classes or a class name (label)",
+    )
+    p.add_argument("--max-samples", type=positive_int, default=None, help="cap (default: eval.max_samples)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="batch size (default: eval.batch_size)"
+    )
+    p.set_defaults(func=_cmd_zeroshot)
 
     p = subparsers.add_parser("visualize", help="word-to-region heat maps from GOT transport plans (PNG)")
     _add_model_arguments(p)

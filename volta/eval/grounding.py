@@ -9,6 +9,12 @@ lies inside one of the phrase's boxes (boxes sharing a phrase are one target). T
 expected hit rate of a uniformly random patch (the fraction of patch centres inside the target) and the centre
 patch (row ``h // 2``, column ``w // 2`` of the grid). Each word of a phrase is also pointed alone at the
 phrase's boxes (``word_*`` and :meth:`GroundingTally.words`): a two-word phrase can be a hit on one word's mass.
+
+When the JSON also holds ``word_classes`` (lower-case caption word -> "attribute", "object", "relation", ...; the
+synthetic generators write it), words are also reported per class (``word_acc/<class>``, ...). A classed word
+outside every phrase is pointed at the phrases it is about (:func:`unboxed_word_targets`): a relation word such as
+"above" at the phrases on either side of it, another word at the phrase that directly follows it ("small" in "a
+small red circle"). Those words count only in the per-class figures, so ``word_*`` keep their meaning.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,6 +39,7 @@ __all__ = [
     "GroundingTally",
     "PhraseResult",
     "PhraseTarget",
+    "WordTarget",
     "center_patch_index",
     "find_phrase_spans",
     "got_text_mask",
@@ -43,6 +51,8 @@ __all__ = [
     "phrase_token_mask",
     "point_phrase",
     "transport_plans",
+    "unboxed_word_targets",
+    "word_classes",
     "word_spans",
 ]
 
@@ -168,6 +178,66 @@ def phrase_targets(caption: str, meta: Mapping[str, Any]) -> list[PhraseTarget]:
     return targets
 
 
+def word_classes(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The sample's ``meta["word_classes"]`` (caption word -> class) with lower-case words; empty when absent or
+    not a mapping of strings, so the sample's words get no class (never a guessed one)."""
+    raw = meta.get("word_classes")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        w.lower(): c for w, c in raw.items() if isinstance(w, str) and isinstance(c, str) and w.strip() and c
+    }
+
+
+@dataclass(frozen=True)
+class WordTarget:
+    """A classed caption word outside every phrase: the word, its class, its character span and the phrases
+    whose boxes it is pointed at."""
+
+    word: str
+    word_class: str
+    span: tuple[int, int]
+    phrases: tuple[PhraseTarget, ...]
+
+    @property
+    def boxes(self) -> tuple[tuple[float, float, float, float], ...]:
+        """The boxes of all its phrases (one target: a hit in any counts)."""
+        return tuple(box for p in self.phrases for box in p.boxes)
+
+
+def unboxed_word_targets(
+    caption: str, targets: Sequence[PhraseTarget], classes: Mapping[str, str]
+) -> list[WordTarget]:
+    """The words of ``caption`` (``\\w+`` runs) that ``classes`` classes and no phrase of ``targets`` covers, each
+    with the phrases it is about.
+
+    A "relation" word is pointed at the nearest phrase occurrence ending before it and the nearest one starting
+    after it (its two arguments, as in "a cup above a boat"; one of them when the other side has none); a word
+    of any other class at the phrase that follows it with only whitespace between ("small" in "a small red
+    circle"). Words with no such phrase are left out.
+    """
+    occurrences = [(s, e, t) for t in targets for s, e in t.spans]
+    found = []
+    for m in re.finditer(r"\w+", caption):
+        word_class = classes.get(m.group(0).lower())
+        start, end = m.span()
+        if word_class is None or any(s < end and start < e for s, e, _ in occurrences):
+            continue
+        # nearest occurrences on either side (the longer one on a tie)
+        before = max((o for o in occurrences if o[1] <= start), key=lambda o: (o[1], -o[0]), default=None)
+        after = min((o for o in occurrences if o[0] >= end), key=lambda o: (o[0], -o[1]), default=None)
+        if word_class == "relation":
+            sides = [o[2] for o in (before, after) if o is not None]
+            phrases = tuple(dict.fromkeys(sides))  # one phrase on both sides counts once
+        elif after is not None and not caption[end : after[0]].strip():
+            phrases = (after[2],)
+        else:
+            phrases = ()
+        if phrases:
+            found.append(WordTarget(m.group(0).lower(), word_class, (start, end), phrases))
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ model
 def got_text_mask(
     attention_mask: Tensor, special_tokens_mask: Tensor, *, include_special: bool = False
@@ -208,6 +278,10 @@ class PhraseResult:
     center: bool
     # None: the whole phrase; else one word of it (lower case), pointed alone at the phrase's boxes
     word: str | None = None
+    # the word's class from the sample's ``word_classes`` (None: no map, or the word is not in it)
+    word_class: str | None = None
+    # a classed word outside every phrase, pointed at its phrases' boxes (counted only per class)
+    unboxed: bool = False
 
 
 def ground_batch(
@@ -216,7 +290,8 @@ def ground_batch(
     """Play the pointing game on every groundable phrase of ``batch`` from the model's dual-encoder ``outputs``.
 
     Only samples with at least one groundable phrase are sent through OT. Phrases whose tokens were all cut by
-    truncation are left out.
+    truncation are left out. With a ``word_classes`` map, words carry their class and the classed words outside
+    every phrase are scored too (:func:`unboxed_word_targets`).
     """
     targets = [phrase_targets(c, m) for c, m in zip(batch.captions, batch.metas)]
     rows = [i for i, t in enumerate(targets) if t]
@@ -239,21 +314,49 @@ def ground_batch(
         width, height = (float(v) for v in batch.orig_sizes[i].tolist())
         centers = patch_centers(grid, width, height)  # (P, 2) in stored-image pixels
         valid = text_mask[r].cpu()
+        classes = word_classes(batch.metas[i])
+        point = partial(_point_spans, plans[r], batch.offsets[i], valid, centers, center)
         for target in targets[i]:
             # the whole phrase (word None), then each of its words alone, against the phrase's boxes
             for word, spans in [(None, list(target.spans)), *word_spans(batch.captions[i], target.spans)]:
-                tokens = phrase_token_mask(batch.offsets[i], valid, spans)  # (T,)
-                if not bool(tokens.any()):
+                scored = point(spans, target.boxes)
+                if scored is None:
                     if word is None:  # its words are cut too
                         log.debug("%s: phrase %r lost to truncation", batch.keys[i], target.phrase)
                         break
                     continue
-                mass = plans[r][:, tokens].sum(dim=-1)  # (P,)
-                hit, random, at_center = point_phrase(mass, centers, target.boxes, center)
+                word_class = classes.get(word) if word is not None else None
                 results.append(
-                    PhraseResult(batch.keys[i], target.phrase, target.type, hit, random, at_center, word)
+                    PhraseResult(batch.keys[i], target.phrase, target.type, *scored, word, word_class)
+                )
+        for extra in unboxed_word_targets(batch.captions[i], targets[i], classes):
+            scored = point([extra.span], extra.boxes)
+            if scored is not None:
+                # phrase: the phrases it is pointed at, "red circle | blue star"; type: the first one's
+                phrase, kind = " | ".join(p.phrase for p in extra.phrases), extra.phrases[0].type
+                results.append(
+                    PhraseResult(
+                        batch.keys[i], phrase, kind, *scored, extra.word, extra.word_class, unboxed=True
+                    )
                 )
     return results
+
+
+def _point_spans(
+    plan: Tensor,
+    offsets: Tensor,
+    valid: Tensor,
+    centers: Tensor,
+    center: int,
+    spans: Sequence[tuple[int, int]],
+    boxes: Sequence[Sequence[float]],
+) -> tuple[bool, float, bool] | None:
+    # point_phrase on the plan mass (P, T) of the valid tokens overlapping spans; None when truncation cut them all
+    tokens = phrase_token_mask(offsets, valid, spans)  # (T,)
+    if not bool(tokens.any()):
+        return None
+    mass = plan[:, tokens].sum(dim=-1)  # (P,)
+    return point_phrase(mass, centers, boxes, center)
 
 
 def word_spans(caption: str, spans: Sequence[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -294,8 +397,11 @@ class GroundingTally:
     def summary(self) -> dict[str, float]:
         """``acc``, ``random``, ``center`` (fractions) and ``n`` overall, and ``acc/<type>``, ``random/<type>``,
         ``center/<type>``, ``n/<type>`` per phrase type, all over whole phrases; ``word_acc``, ``word_random``,
-        ``word_center``, ``word_n`` over the words of the phrases pointed one at a time. Empty when no phrase
-        was scored."""
+        ``word_center``, ``word_n`` over the words of the phrases pointed one at a time; ``word_acc/<class>``,
+        ``word_random/<class>``, ``word_center/<class>``, ``word_n/<class>`` per word class (``attribute``,
+        ``object``, ``relation``, ...) over every classed word scored, those of the phrases and the unboxed ones;
+        a class's baseline is the mean random-patch rate of its words, as for ``word_random``. A class no scored
+        word has (no sample's ``word_classes`` gives it) is absent. Empty when no phrase was scored."""
         phrases = [r for r in self.results if r.word is None]
         if not phrases:
             return {}
@@ -304,9 +410,13 @@ class GroundingTally:
         for kind in kinds:
             for name, value in _rates([r for r in phrases if r.type == kind]).items():
                 out[f"{name}/{_metric_name(kind)}"] = value
-        words = [r for r in self.results if r.word is not None]
+        words = [r for r in self.results if r.word is not None and not r.unboxed]
         if words:
             out.update({f"word_{name}": value for name, value in _rates(words).items()})
+        classed = [r for r in self.results if r.word is not None and r.word_class is not None]
+        for word_class in sorted({str(r.word_class) for r in classed}):
+            rates = _rates([r for r in classed if r.word_class == word_class])
+            out.update({f"word_{name}/{_metric_name(word_class)}": value for name, value in rates.items()})
         return out
 
     def words(self) -> dict[str, dict[str, float]]:
@@ -314,7 +424,7 @@ class GroundingTally:
         phrase's boxes, most frequent words first (ties by word)."""
         grouped: dict[str, list[PhraseResult]] = {}
         for r in self.results:
-            if r.word is not None:
+            if r.word is not None and not r.unboxed:
                 grouped.setdefault(r.word, []).append(r)
         order = sorted(grouped, key=lambda w: (-len(grouped[w]), w))
         return {w: _rates(grouped[w]) for w in order}

@@ -20,6 +20,7 @@ from volta.data.batch import EvalBatch
 from volta.data.factory import build_config_eval_loader
 from volta.eval.features import EvalFeatures, extract_features
 from volta.eval.grounding import GroundingTally, ground_batch
+from volta.eval.itm import ItmTally, itm_batch
 from volta.eval.retrieval import evaluate_retrieval
 from volta.models.volta_model import VoLTAModel, VoLTAOutputs
 
@@ -34,6 +35,7 @@ class EvalPass:
 
     features: EvalFeatures
     grounding: GroundingTally
+    itm: ItmTally
 
 
 def evaluate_pass(
@@ -51,14 +53,17 @@ def evaluate_pass(
     collect the global features of every sample and, when ``grounding``, the pointing-game outcome of every
     groundable phrase. Raises ``FileNotFoundError`` for missing shards and ``ValueError`` for an empty set."""
     loader = build_config_eval_loader(cfg, tokenizer, shards, batch_size=batch_size, max_samples=max_samples)
-    tally = GroundingTally()
+    tally, itm = GroundingTally(), ItmTally()
+    pairs = torch.Generator().manual_seed(cfg.train.seed)  # the same held-out pairs at every validation
 
     def on_batch(batch: EvalBatch, outputs: VoLTAOutputs) -> None:
         if grounding:
             tally.add(ground_batch(model, batch, outputs, cfg.eval.grounding_got(cfg.loss.got)))
+        if cfg.eval.itm and batch.batch_size > 1:
+            itm.add(*itm_batch(model, batch, device, pairs))
 
     features = extract_features(model, loader, device=device, on_batch=on_batch)
-    return EvalPass(features, tally)
+    return EvalPass(features, tally, itm)
 
 
 def run_validation(
@@ -76,7 +81,8 @@ def run_validation(
     Twins projections), ``val/global_i2t_r{k}``/``val/global_t2i_r{k}`` when both backbones have the same width,
     ``val/retrieval_n_images``/``val/retrieval_n_texts``, and, when ``eval.grounding`` is on and the shards
     carry boxes, ``val/grounding_acc``, ``val/grounding_random``, ``val/grounding_center``,
-    ``val/grounding_n`` and the same per phrase type (``val/grounding_acc/<type>``, ...). The model's
+    ``val/grounding_n`` and the same per phrase type (``val/grounding_acc/<type>``, ...), and with
+    ``eval.itm`` the held-out image-text matching ``val/itm_acc`` (balanced), ``val/itm_acc_pos``/``_neg``. The model's
     train/eval mode is restored; no gradients are computed.
     """
     start = time.perf_counter()
@@ -94,6 +100,8 @@ def run_validation(
         metrics[f"val/retrieval_{name}" if name.startswith("n_") else f"val/{name}"] = value
     for name, value in result.grounding.summary().items():
         metrics[f"val/grounding_{name}"] = value
+    for name, value in result.itm.summary().items():
+        metrics[f"val/itm_{name}"] = value
     if cfg.eval.grounding and not result.grounding.count:
         log.info("validation: no groundable phrase in %s (no boxes whose phrase is in the caption)", shards)
     log.info(

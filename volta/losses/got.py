@@ -171,6 +171,7 @@ def got_loss(
     prune_fraction: float,
     prune_scope: Literal["sample", "batch"] = "sample",
     prune_detach: bool = True,
+    image_marginal_kl: float | None = None,
 ) -> dict[str, Tensor]:
     """GOT loss between image patches ``(B, P, D)`` and text tokens ``(B, T, D)`` (the GOT-projected features).
 
@@ -182,6 +183,11 @@ def got_loss(
     no influence. A sample with no valid patch or no valid token contributes ``wd = gwd = 0`` and is left out
     of the mean: ``loss = mean over the other samples of wd_weight * wd + gwd_weight * gwd`` (0, with a
     gradient of zeros, when there is none). ``plan`` is the detached WD plan ``(B, P, T)`` for inspection.
+
+    ``image_marginal_kl`` (None: balanced, the paper) relaxes the WD plan's patch marginal to a KL penalty of
+    that weight (:func:`~volta.losses.ot.ipot`'s ``row_kl``): every word still carries ``1 / T`` of the mass, but
+    the patches need not each receive ``1 / P``, so two words that name one object can both put their mass on
+    its few patches instead of one of them being pushed onto the background. The GW term stays balanced.
     """
     _check_tokens(image_tokens, text_tokens, image_mask, text_mask)
     bsz, num_patches, num_tokens = image_tokens.shape[0], image_tokens.shape[1], text_tokens.shape[1]
@@ -197,7 +203,7 @@ def got_loss(
         cost = prune_cost(
             1.0 - sim_cross, cross_valid, fraction=prune_fraction, scope=prune_scope, detach=prune_detach
         )
-        plan = ipot(cost, a, b, beta=ipot_beta, num_iters=ipot_iters)  # (B, P', T')
+        plan = ipot(cost, a, b, beta=ipot_beta, num_iters=ipot_iters, row_kl=image_marginal_kl)  # (B, P', T')
         wd = (cost * plan).sum(dim=(1, 2))  # (B,)
 
         # no gather index = nothing was padded: every pair is valid and pruning needs no masked copies
@@ -238,6 +244,7 @@ def got_contrastive_loss(
     temperature: float,
     ipot_beta: float,
     ipot_iters: int,
+    image_marginal_kl: float | None = None,
 ) -> dict[str, Tensor]:
     """In-batch contrast of Wasserstein distances: every image against every caption of the local batch.
 
@@ -250,6 +257,7 @@ def got_contrastive_loss(
     Not in the paper: balanced GOT on matched pairs only is as cheap when every word is matched to the
     background patches that every image has as when words are matched to the objects they name
     (docs/losses.md); a caption's plan must be cheaper on its own image than on the others only in the second case.
+    ``image_marginal_kl`` relaxes the patch marginal as in :func:`got_loss`.
     Samples without a valid patch or token are left out; with fewer than two samples left the loss is 0 (with a
     zero gradient). Negatives are the local batch (no all-gather). All arithmetic in fp32 (fp64 for fp64 inputs).
     """
@@ -268,7 +276,9 @@ def got_contrastive_loss(
         cost = (1.0 - sim).reshape(bsz * bsz, p, t)
         a = _uniform(image_mask_c, dtype).unsqueeze(1).expand(bsz, bsz, p).reshape(bsz * bsz, p)
         b = _uniform(text_mask_c, dtype).unsqueeze(0).expand(bsz, bsz, t).reshape(bsz * bsz, t)
-        plan = ipot(cost, a, b, beta=ipot_beta, num_iters=ipot_iters)  # (B*B, P', T')
+        plan = ipot(
+            cost, a, b, beta=ipot_beta, num_iters=ipot_iters, row_kl=image_marginal_kl
+        )  # (B*B, P', T')
         wd = (cost * plan).sum(dim=(1, 2)).view(bsz, bsz)  # (B_img, B_txt)
 
         keep = torch.nonzero(image_mask.any(dim=1) & text_mask.any(dim=1)).squeeze(1)  # (N,)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["gromov_wasserstein", "gromov_wasserstein_value", "ipot", "sinkhorn"]
+__all__ = ["gromov_wasserstein", "gromov_wasserstein_value", "ipot", "relaxed_row_power", "sinkhorn"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,19 @@ def _check_problem(cost: Tensor, a: Tensor, b: Tensor) -> None:
         )
 
 
-def _gibbs_kernel(cost: Tensor, valid: Tensor, beta: float) -> Tensor:
+def _gibbs_kernel(cost: Tensor, valid: Tensor, beta: float, per_row: bool = True) -> Tensor:
     """``exp(-C / beta)`` with each row shifted by its minimum over valid pairs and zero on invalid pairs.
 
     The row shift multiplies each kernel row by a constant, which the next row scaling absorbs exactly, so the
     IPOT/Sinkhorn iterates are unchanged while every valid row keeps an entry equal to 1 (no fp32 underflow of a
-    whole row). The shift is detached: the plan does not depend on it.
+    whole row). The shift is detached: the plan does not depend on it. A KL-relaxed row scaling absorbs only a
+    constant shared by all rows (the column scaling takes it), so ``per_row=False`` shifts each problem by its
+    minimum instead.
     """
-    shift = cost.detach().masked_fill(~valid, float("inf")).amin(dim=-1, keepdim=True)  # (B, n, 1)
+    masked = cost.detach().masked_fill(~valid, float("inf"))
+    shift = masked.amin(dim=-1, keepdim=True)  # (B, n, 1)
+    if not per_row:
+        shift = shift.amin(dim=-2, keepdim=True)  # (B, 1, 1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     kernel = torch.exp((shift - cost) / beta)  # (B, n, m)
     return kernel.masked_fill(~valid, 0.0)
@@ -69,14 +74,28 @@ def _valid_pairs(a: Tensor, b: Tensor) -> Tensor:
 _Step = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _ipot_iterate(kernel: Tensor, a: Tensor, b: Tensor, num_iters: int, steps: list[_Step] | None) -> Tensor:
-    """Run ``num_iters`` IPOT steps from ``T = ones`` on a precomputed kernel; record steps when asked."""
+def _row_scaling(a: Tensor, x: Tensor, power: float) -> Tensor:
+    """``(a / x) ** power`` with zero for zero-mass rows: the exact row scaling (power 1) or the KL-relaxed one."""
+    ratio = a / x.clamp_min(_TINY)  # (B, n)
+    if power == 1.0:
+        return ratio
+    return torch.where(a > 0, ratio.pow(power), torch.zeros_like(ratio))  # 0 ** 0 would give padding mass
+
+
+def _ipot_iterate(
+    kernel: Tensor, a: Tensor, b: Tensor, num_iters: int, steps: list[_Step] | None, power: float = 1.0
+) -> Tensor:
+    """Run ``num_iters`` IPOT steps from ``T = ones`` on a precomputed kernel; record steps when asked.
+
+    ``power`` is the row scaling's exponent: 1 for exact row marginals, ``rho / (rho + beta)`` for a KL-relaxed
+    row marginal of weight ``rho`` (:func:`ipot`).
+    """
     sigma = torch.ones_like(b)  # (B, m); invalid columns are zero in the kernel, so their value never matters
     plan = kernel
     for it in range(num_iters):
         q = kernel if it == 0 else kernel * plan  # (B, n, m): Q = A * T
         x = torch.bmm(q, sigma.unsqueeze(-1)).squeeze(-1)  # (B, n)
-        delta = a / x.clamp_min(_TINY)  # (B, n)
+        delta = _row_scaling(a, x, power)  # (B, n)
         y = torch.bmm(delta.unsqueeze(1), q).squeeze(1)  # (B, m)
         sigma_new = b / y.clamp_min(_TINY)  # (B, m)
         plan = q * sigma_new.unsqueeze(1)  # (B, n, m)
@@ -87,7 +106,7 @@ def _ipot_iterate(kernel: Tensor, a: Tensor, b: Tensor, num_iters: int, steps: l
     return plan
 
 
-def _ipot_backward(grad_plan: Tensor, kernel: Tensor, steps: list[_Step]) -> Tensor:
+def _ipot_backward(grad_plan: Tensor, kernel: Tensor, steps: list[_Step], power: float = 1.0) -> Tensor:
     """Reverse-mode derivative of :func:`_ipot_iterate` w.r.t. the kernel, one step at a time.
 
     Written by hand instead of recording the loop with autograd: it needs about 10 passes over the (B, n, m)
@@ -105,8 +124,10 @@ def _ipot_backward(grad_plan: Tensor, kernel: Tensor, steps: list[_Step]) -> Ten
         g_y = torch.where(y > _TINY, -g_sigma * sigma / y.clamp_min(_TINY), torch.zeros_like(y))  # (B, m)
         # y = q^T delta
         g_delta = g_delta + torch.bmm(q, g_y.unsqueeze(-1)).squeeze(-1)  # (B, n)
-        # delta = a / clamp(x)
-        g_x = torch.where(x > _TINY, -g_delta * delta / x.clamp_min(_TINY), torch.zeros_like(x))  # (B, n)
+        # delta = (a / clamp(x)) ** power: d delta / d x = -power * delta / x where not clamped
+        g_x = torch.where(
+            x > _TINY, -g_delta * delta * power / x.clamp_min(_TINY), torch.zeros_like(x)
+        )  # (B, n)
         # x = q sigma_prev
         grad_sigma = torch.bmm(g_x.unsqueeze(1), q).squeeze(1)  # (B, m)
         # d q = grad_plan * (delta sigma^T) + delta g_y^T + g_x sigma_prev^T
@@ -127,31 +148,44 @@ class _Ipot(torch.autograd.Function):
     """IPOT with a hand-written backward through the unrolled iterations (gradient w.r.t. the cost only)."""
 
     @staticmethod
-    def forward(ctx: Any, cost: Tensor, a: Tensor, b: Tensor, beta: float, num_iters: int) -> Tensor:
+    def forward(
+        ctx: Any, cost: Tensor, a: Tensor, b: Tensor, beta: float, num_iters: int, power: float
+    ) -> Tensor:
         valid = _valid_pairs(a, b)
-        kernel = _gibbs_kernel(cost, valid, beta)  # (B, n, m)
+        kernel = _gibbs_kernel(cost, valid, beta, per_row=power == 1.0)  # (B, n, m)
         steps: list[_Step] | None = [] if ctx.needs_input_grad[0] else None
-        plan = _ipot_iterate(kernel, a, b, num_iters, steps)
-        ctx.beta = beta
+        plan = _ipot_iterate(kernel, a, b, num_iters, steps, power)
+        ctx.beta, ctx.power = beta, power
         ctx.steps = steps
         ctx.save_for_backward(kernel)
         return plan
 
     @staticmethod
-    def backward(ctx: Any, grad_plan: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_plan: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         (kernel,) = ctx.saved_tensors
         if ctx.steps is None:
-            return None, None, None, None, None
-        grad_kernel = _ipot_backward(grad_plan.to(kernel.dtype), kernel, ctx.steps)
+            return None, None, None, None, None, None
+        grad_kernel = _ipot_backward(grad_plan.to(kernel.dtype), kernel, ctx.steps, ctx.power)
         # d exp((s - C) / beta) / dC; zero on invalid pairs where the kernel is 0
         grad_cost = grad_kernel * kernel * (-1.0 / ctx.beta)
         # With costs far beyond beta (C / beta ~ 1e5) some scalings saturate at the _TINY floor and their
         # products overflow; the unrolled map is then locally constant, so the true derivative there is 0.
         grad_cost = torch.nan_to_num(grad_cost, nan=0.0, posinf=0.0, neginf=0.0)
-        return grad_cost, None, None, None, None
+        return grad_cost, None, None, None, None, None
 
 
-def ipot(cost: Tensor, a: Tensor, b: Tensor, *, beta: float, num_iters: int) -> Tensor:
+def relaxed_row_power(row_kl: float | None, beta: float) -> float:
+    """The row scaling's exponent of IPOT with a KL-relaxed row marginal of weight ``row_kl`` (None: exact rows)."""
+    if row_kl is None:
+        return 1.0
+    if row_kl < 0:
+        raise ValueError(f"expected row_kl >= 0 or None, got {row_kl}")
+    return row_kl / (row_kl + beta)
+
+
+def ipot(
+    cost: Tensor, a: Tensor, b: Tensor, *, beta: float, num_iters: int, row_kl: float | None = None
+) -> Tensor:
     """Batched proximal-point optimal transport (IPOT, Xie et al. 2020): the plan ``(B, n, m)`` after ``num_iters`` steps.
 
     Each step multiplies the previous plan by the Gibbs kernel ``exp(-C / beta)`` and rescales it once to the
@@ -159,13 +193,22 @@ def ipot(cost: Tensor, a: Tensor, b: Tensor, *, beta: float, num_iters: int) -> 
     marginals therefore hold exactly and the row marginals converge as ``num_iters`` grows (to the exact OT plan
     for any ``beta``). Zero-mass points get exactly zero mass. Gradients w.r.t. ``cost`` flow through the unrolled
     iterations (marginals are treated as constants). Computed in fp32 (fp64 for fp64 inputs) with autocast off.
+
+    ``row_kl`` (None: exact row marginals, the balanced problem) relaxes the rows to a KL penalty of that weight:
+    each step then solves ``min <C, T> + beta KL(T | T_prev) + row_kl KL(T 1 | a)`` with the columns exact, whose
+    row scaling is ``(a / (Q sigma)) ** (row_kl / (row_kl + beta))`` (semi-relaxed unbalanced OT, Chizat et al.
+    2018). The plan still carries the columns' total mass; ``row_kl = 0`` frees the rows, so every column puts
+    its mass on its cheapest rows independently (after ``t`` steps ``T_ij = b_j softmax_i(-t C_ij / beta)``).
     """
     _check_problem(cost, a, b)
     if beta <= 0 or num_iters < 1:
         raise ValueError(f"expected beta > 0 and num_iters >= 1, got beta={beta}, num_iters={num_iters}")
+    power = relaxed_row_power(row_kl, beta)
     dtype = _compute_dtype(cost, a, b)
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        plan: Tensor = _Ipot.apply(cost.to(dtype), a.to(dtype), b.to(dtype), float(beta), int(num_iters))
+        plan: Tensor = _Ipot.apply(
+            cost.to(dtype), a.to(dtype), b.to(dtype), float(beta), int(num_iters), power
+        )
     return plan
 
 

@@ -3,6 +3,8 @@
 * :func:`save_volta_checkpoint` / :func:`load_volta_checkpoint`: a folder with ``model.safetensors`` (every
   parameter and persistent buffer), ``text_config.json`` (the exact RoBERTa architecture, vocabulary included) and
   ``config.yaml`` (the resolved volta config); reloading gives identical parameters and buffers, offline.
+* :func:`find_volta_checkpoint`: the checkpoint folder a user points at, given the folder itself, a file in it, a
+  run folder (its ``final/``) or an engine checkpoint folder (its ``volta/`` copy).
 * :func:`export_encoders`: ``image_encoder.safetensors`` that plain timm loads, ``text_encoder/`` that
   ``RobertaModel.from_pretrained`` (or ``RobertaForMaskedLM``, MLM head included) loads, the volta config, the
   tokenizer when given, and a model card saying how to load them.
@@ -13,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +31,25 @@ from volta.models.volta_model import VoLTAModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_encoders", "load_volta_checkpoint", "save_volta_checkpoint", "timm_create_kwargs"]
+__all__ = [
+    "CHECKPOINT_FILES",
+    "checkpoint_subfolder",
+    "export_encoders",
+    "find_volta_checkpoint",
+    "load_volta_checkpoint",
+    "not_a_checkpoint_message",
+    "save_volta_checkpoint",
+    "timm_create_kwargs",
+]
 
 _WEIGHTS = "model.safetensors"
 _TEXT_CONFIG = "text_config.json"
 _CONFIG = "config.yaml"
+CHECKPOINT_FILES = (_WEIGHTS, _TEXT_CONFIG, _CONFIG)
+# Where a folder holds its checkpoint: the folder itself, a run folder's final model (``final/``), the
+# safetensors copy inside an engine checkpoint (``volta/``); the first complete one wins.
+_LAYOUTS = ("", "final", "volta")
+_EXPORT_MARKER = "image_encoder.safetensors"
 
 
 def _as_volta_config(cfg: VoltaConfig | ModelConfig) -> VoltaConfig:
@@ -95,7 +113,7 @@ def load_volta_checkpoint(path: str | Path) -> tuple[VoLTAModel, VoltaConfig]:
     Needs no network and no pretrained files: the architecture comes from the folder itself.
     """
     folder = Path(path)
-    for name in (_WEIGHTS, _TEXT_CONFIG, _CONFIG):
+    for name in CHECKPOINT_FILES:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a volta checkpoint (no {name})")
     cfg = load_config(folder / _CONFIG)
@@ -105,6 +123,51 @@ def load_volta_checkpoint(path: str | Path) -> tuple[VoLTAModel, VoltaConfig]:
     if missing or unexpected:  # strict loading raises first; kept as a guard
         raise RuntimeError(f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}")
     return model, cfg
+
+
+def checkpoint_subfolder(has_file: Callable[[str], bool]) -> str | None:
+    """Which part of a folder holds a volta checkpoint: ``""`` (the folder), ``"final"`` or ``"volta"``, or None.
+
+    ``has_file(relative_path)`` says whether the folder holds that file (``"final/model.safetensors"``), so the
+    same rule serves local folders and S3 prefixes.
+    """
+    for sub in _LAYOUTS:
+        if all(has_file(posixpath.join(sub, name)) for name in CHECKPOINT_FILES):
+            return sub
+    return None
+
+
+def not_a_checkpoint_message(where: str, has_file: Callable[[str], bool]) -> str:
+    """One line saying why ``where`` (a folder without a :func:`checkpoint_subfolder`) cannot be loaded."""
+    if has_file(_EXPORT_MARKER):
+        return (
+            f"{where}: an encoder export ({_EXPORT_MARKER}, text_encoder/) lacks VoLTA's projection heads; "
+            "load the run's final/ folder (or a checkpoint folder) instead"
+        )
+    return (
+        f"{where}: not a volta checkpoint (no {', '.join(CHECKPOINT_FILES)} in it, its final/ or its volta/)"
+    )
+
+
+def find_volta_checkpoint(path: str | Path) -> Path:
+    """The :func:`save_volta_checkpoint` folder that ``path`` points at.
+
+    ``path`` may be that folder or a file in it, a run folder (its ``final/``) or an engine checkpoint folder
+    (its ``volta/`` copy). Raises ``FileNotFoundError`` with a one-line reason otherwise.
+    """
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent  # a file inside the checkpoint folder (model.safetensors, config.yaml)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or file")
+
+    def has_file(relative: str) -> bool:
+        return (folder / relative).is_file()
+
+    sub = checkpoint_subfolder(has_file)
+    if sub is None:
+        raise FileNotFoundError(not_a_checkpoint_message(str(path), has_file))
+    return folder / sub if sub else folder
 
 
 def timm_create_kwargs(cfg: ModelConfig) -> dict[str, Any]:

@@ -4,16 +4,28 @@ Each fused block pair owns two :class:`GatedCrossAttention` modules: the image b
 keys/values = text tokens, padding masked out) and the text layer's (queries = text tokens, keys/values = the
 flattened image tokens). Their outputs are added through learnable scalar gates initialised to 0, so at
 initialisation the fused network computes exactly the uni-modal one.
+
+Where the gated term joins the block's residual stream is a :data:`FusionPlacement`: ``"before_mlp"`` between the
+block's self-attention and its MLP, so the fused signal goes through the MLP (FIBER's placement, which VoLTA follows),
+or ``"after_block"`` on the block's output. The encoder adapters apply the fusion at the placement they are given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-__all__ = ["CrossModalFusion", "GatedCrossAttention"]
+__all__ = ["FUSION_PLACEMENTS", "CrossModalFusion", "FuseFn", "FusionPlacement", "GatedCrossAttention"]
+
+# "before_mlp": x = x + attn(x); x = x + gate * xattn(x, other); x = x + mlp(x)   (FIBER, the paper)
+# "after_block": x = block(x); x = x + gate * xattn(x, other)
+FusionPlacement = Literal["before_mlp", "after_block"]
+FUSION_PLACEMENTS: tuple[str, ...] = get_args(FusionPlacement)
+# The fusion of one block: its residual stream in, the same stream with the gated cross-attention added out.
+FuseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GatedCrossAttention(nn.Module):

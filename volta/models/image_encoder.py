@@ -4,6 +4,10 @@ timm runs Swin as ``patch_embed -> stages (downsample, blocks) -> norm`` on NHWC
 stop below the fused blocks, run the remaining blocks one by one (interleaved with the text encoder and the
 cross-attention) and finish with the final norm. This adapter numbers the blocks over all stages and calls timm's
 own modules in timm's order, so a full uni-modal pass is bit-identical to ``SwinTransformer.forward_features``.
+
+A fused block can take the cross-modal fusion between its two residual branches (FIBER's placement): the adapter
+then runs the block's own halves, timm's window attention (``_attn``: cyclic shift, padding, window partition and
+mask, as timm does them) and its MLP, with the fusion between them, instead of the block's ``forward``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,34 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from torch import nn
 
 from volta.models.checkpointing import call_checkpointed
+from volta.models.fusion import FuseFn, FusionPlacement
 
 __all__ = ["SwinImageEncoder", "create_swin"]
+
+
+def _attention_branch(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's first residual step, as timm's ``forward`` runs it: ``x + drop_path1(W-MSA(norm1(x)))``."""
+    return x + block.drop_path1(block._attn(block.norm1(x)))  # (B, H, W, C)
+
+
+def _mlp_branch(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's second residual step on ``(B, H, W, C)`` tokens, on the flattened tokens as timm's ``forward``."""
+    b, h, w, c = x.shape
+    y = x.reshape(b, -1, c)  # (B, HW, C)
+    y = y + block.drop_path2(block.mlp(block.norm2(y)))
+    return y.reshape(b, h, w, c)
+
+
+def _run_block(
+    block: SwinTransformerBlock, x: torch.Tensor, fuse: FuseFn | None, placement: FusionPlacement
+) -> torch.Tensor:
+    if fuse is None:
+        return block(x)
+    if placement == "after_block":
+        return fuse(block(x))
+    if placement == "before_mlp":
+        return _mlp_branch(block, fuse(_attention_branch(block, x)))
+    raise ValueError(f"unknown fusion placement {placement!r}")
 
 
 def create_swin(
@@ -98,10 +128,27 @@ class SwinImageEncoder(nn.Module):
             x = self._stage(s).downsample(x)  # identity for the first stage
         return x
 
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Run block ``i`` on ``(B, H, W, C)`` tokens (checkpointed when enabled and training)."""
+    def block(
+        self,
+        i: int,
+        x: torch.Tensor,
+        fuse: FuseFn | None = None,
+        *,
+        placement: FusionPlacement = "after_block",
+    ) -> torch.Tensor:
+        """Run block ``i`` on ``(B, H, W, C)`` tokens, with ``fuse`` applied to its residual stream at ``placement``.
+
+        Without ``fuse`` this is the timm block's own ``forward``. ``"after_block"`` applies ``fuse`` to the block's
+        output; ``"before_mlp"`` to the state after the (shifted-)window attention step, so that the block's MLP
+        reads the fused tokens. Block and fusion are checkpointed together when enabled and training.
+        """
         return call_checkpointed(
-            self.get_block(i), x, enabled=self.grad_checkpointing and self.training
+            _run_block,
+            self.get_block(i),
+            x,
+            fuse,
+            placement,
+            enabled=self.grad_checkpointing and self.training,
         )  # (B, H, W, C)
 
     def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

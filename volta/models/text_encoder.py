@@ -4,6 +4,11 @@
 stop below the fused layers and run the rest one by one, interleaved with the image encoder. This adapter calls
 the model's own embedding module, transformers' own mask builder and the model's own layers, in that order, so a
 full uni-modal pass is bit-identical to ``RobertaModel(input_ids, attention_mask).last_hidden_state``.
+
+A fused layer can take the cross-modal fusion between its attention and feed-forward sublayers (FIBER's placement):
+the adapter then calls the layer's own ``attention`` sublayer (self-attention, output projection, dropout, residual,
+LayerNorm), the fusion, and the layer's own ``feed_forward_chunk`` through transformers' chunking helper, which is
+what ``RobertaLayer.forward`` does for an encoder, with the fusion added between the two.
 """
 
 from __future__ import annotations
@@ -15,10 +20,33 @@ import torch
 from torch import nn
 from transformers import RobertaConfig, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.roberta.modeling_roberta import RobertaLayer
+from transformers.pytorch_utils import apply_chunking_to_forward
 
 from volta.models.checkpointing import call_checkpointed
+from volta.models.fusion import FuseFn, FusionPlacement
 
 __all__ = ["RobertaTextEncoder", "resolve_text_config"]
+
+
+def _run_layer(
+    layer: RobertaLayer,
+    hidden: torch.Tensor,
+    layer_mask: Any,
+    fuse: FuseFn | None,
+    placement: FusionPlacement,
+) -> torch.Tensor:
+    if fuse is None:
+        return layer(hidden, layer_mask)
+    if placement == "after_block":
+        return fuse(layer(hidden, layer_mask))
+    if placement == "before_mlp":
+        attention_output, _ = layer.attention(hidden, layer_mask)  # (B, T, D), post-LN
+        return apply_chunking_to_forward(
+            layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, fuse(attention_output)
+        )
+    raise ValueError(f"unknown fusion placement {placement!r}")
+
 
 # Architectures of common RoBERTa checkpoints, so that a model can be built (random init, parameter counts) without
 # downloading anything. Values are those of the checkpoints' config.json files.
@@ -149,12 +177,29 @@ class RobertaTextEncoder(nn.Module):
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
 
-    def layer(self, i: int, hidden: torch.Tensor, layer_mask: Any) -> torch.Tensor:
-        """Run layer ``i`` on ``(B, T, D)`` states (checkpointed when enabled and training)."""
+    def layer(
+        self,
+        i: int,
+        hidden: torch.Tensor,
+        layer_mask: Any,
+        fuse: FuseFn | None = None,
+        *,
+        placement: FusionPlacement = "after_block",
+    ) -> torch.Tensor:
+        """Run layer ``i`` on ``(B, T, D)`` states, with ``fuse`` applied to its residual stream at ``placement``.
+
+        Without ``fuse`` this is the layer's own ``forward``. ``"after_block"`` applies ``fuse`` to the layer's
+        output; ``"before_mlp"`` to the attention sublayer's output, so that the feed-forward sublayer (and its
+        residual and LayerNorm) reads the fused states. Layer and fusion are checkpointed together when enabled
+        and training.
+        """
         return call_checkpointed(
+            _run_layer,
             self.roberta.encoder.layer[i],
             hidden,
             layer_mask,
+            fuse,
+            placement,
             enabled=self.grad_checkpointing and self.training,
         )  # (B, T, D)
 

@@ -2,7 +2,8 @@
 
 Fusion is a per-call switch. ``fusion=False`` is a pure dual encoder whose token outputs are bit-identical to
 timm's ``forward_features`` and Hugging Face's ``last_hidden_state``; ``fusion=True`` runs the N fused block pairs
-in lockstep (image block k and text layer k each read the other's states from before pair k).
+in lockstep (image block k and text layer k each read the other's states from before pair k). ``fusion_placement``
+says where each gated cross-attention joins its block: before the block's MLP (FIBER, the paper) or after the block.
 
 The computation below the fused blocks does not depend on the other modality, so it can be computed once and
 reused across the loss passes (docs/method.md 4.8)::
@@ -16,12 +17,12 @@ reused across the loss passes (docs/method.md 4.8)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
-from volta.models.checkpointing import call_checkpointed
-from volta.models.fusion import CrossModalFusion
+from volta.models.fusion import FUSION_PLACEMENTS, CrossModalFusion, FuseFn, FusionPlacement
 from volta.models.heads import ITMHead, MLPProjector, TokenProjector, build_mlm_head, masked_mean
 from volta.models.image_encoder import SwinImageEncoder
 from volta.models.text_encoder import RobertaTextEncoder
@@ -118,7 +119,9 @@ class VoLTAModel(nn.Module):
 
     The fused image blocks are the last ``fusion_depth`` Swin blocks counted over all stages (stage downsampling
     between them still runs); the fused text layers are the last ``fusion_depth`` RoBERTa layers; pair k joins
-    image block k and text layer k of those tails. Heads: Barlow Twins projectors on the global features, token-wise
+    image block k and text layer k of those tails. ``fusion_placement`` is where the gated cross-attention joins
+    each fused block's residual stream: ``"before_mlp"`` (between self-attention and MLP, as FIBER and the paper) or
+    ``"after_block"`` (on the block's output). Heads: Barlow Twins projectors on the global features, token-wise
     GOT projectors, the MLM head (decoder tied to the word embeddings) and the ITM head.
     """
 
@@ -128,6 +131,7 @@ class VoLTAModel(nn.Module):
         text_encoder: RobertaTextEncoder,
         *,
         fusion_depth: int,
+        fusion_placement: FusionPlacement = "after_block",
         shared_dim: int = 768,
         projector_hidden_dim: int = 2048,
         projector_out_dim: int = 1024,
@@ -146,7 +150,12 @@ class VoLTAModel(nn.Module):
                 f"fusion_depth must be an integer between 0 and {available} (Swin has {image_encoder.num_blocks} "
                 f"blocks, the text encoder {text_encoder.num_layers} layers), got {fusion_depth!r}"
             )
+        if fusion_placement not in FUSION_PLACEMENTS:
+            raise ValueError(
+                f"fusion_placement must be one of {', '.join(FUSION_PLACEMENTS)}, got {fusion_placement!r}"
+            )
         self.fusion_depth = fusion_depth
+        self.fusion_placement: FusionPlacement = fusion_placement
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         first = image_encoder.num_blocks - fusion_depth
@@ -215,23 +224,29 @@ class VoLTAModel(nn.Module):
             raise ValueError(
                 f"image and text batches differ: {image_prefix.batch_size} vs {text_prefix.batch_size}"
             )
-        img, txt, fuse = self.image_encoder, self.text_encoder, self.fusion
+        img, txt = self.image_encoder, self.text_encoder
         x, t, mask = image_prefix.tokens, text_prefix.hidden, text_prefix.attention_mask
         layer_mask = txt.layer_mask(t, mask)
-        i0, t0 = self.first_fused_image_block, self.first_fused_text_layer
-        ckpt_image = img.grad_checkpointing and self.training
-        ckpt_text = txt.grad_checkpointing and self.training
+        i0, t0, where = self.first_fused_image_block, self.first_fused_text_layer, self.fusion_placement
         for k in range(self.fusion_depth):
             if k > 0:
                 x = img.enter(i0 + k, x)
-            x_before, t_before = x, t  # what the other side of pair k reads
-            x = img.block(i0 + k, x)  # (B, H, W, C)
-            t = txt.layer(t0 + k, t, layer_mask)  # (B, T, Dt)
-            if fusion:
-                x = call_checkpointed(fuse.fuse_image, k, x, t_before, mask, enabled=ckpt_image)
-                t = call_checkpointed(fuse.fuse_text, k, t, x_before, enabled=ckpt_text)
+            fuse_x, fuse_t = self._pair_fusion(k, x, t, mask) if fusion else (None, None)
+            x, t = (
+                img.block(i0 + k, x, fuse_x, placement=where),  # (B, H, W, C)
+                txt.layer(t0 + k, t, layer_mask, fuse_t, placement=where),  # (B, T, Dt)
+            )
         image_tokens = img.norm(x).flatten(1, 2)  # (B, P, Di)
         return VoLTAOutputs(image_tokens, t, mask.bool(), fused=fusion)
+
+    def _pair_fusion(
+        self, k: int, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[FuseFn, FuseFn]:
+        """Pair k's fusions, bound to the states each side reads: the other stream's input to pair k."""
+        return (
+            partial(self.fusion.fuse_image, k, text=t, text_mask=mask),
+            partial(self.fusion.fuse_text, k, image=x),
+        )
 
     def forward(
         self,

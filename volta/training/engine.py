@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from volta.training.safe_load import load_restricted
+
 
 @runtime_checkable
 class Engine(Protocol):
@@ -64,7 +66,7 @@ class TorchEngine:
     """Plain PyTorch engine: autocast, gradient accumulation, clipping, optimizer + scheduler, checkpoints.
 
     ``module`` is the task (``forward(batch) -> dict`` with a ``loss`` entry). Checkpoints are a safetensors-free
-    ``state.pt`` loaded with ``weights_only=True``.
+    ``state.pt`` loaded by restricted unpickling (:func:`~volta.training.safe_load.load_restricted`).
     """
 
     def __init__(
@@ -95,7 +97,9 @@ class TorchEngine:
     def forward(self, batch: Any) -> Mapping[str, Tensor]:
         """Run the task on ``batch`` (moved to the engine's device) under the configured autocast."""
         if hasattr(batch, "to"):
-            batch = batch.to(self.device)
+            batch = batch.to(
+                self.device, non_blocking=self.device.type == "cuda"
+            )  # pinned batches: async copy
         with autocast_context(self.device, self.precision):
             return self._module(batch)
 
@@ -115,9 +119,11 @@ class TorchEngine:
                     torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
                 )
             self._last_grad_norm = float(norm)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            # As DeepSpeed's ZeRO optimizer does: a non-finite gradient norm skips the update (and the schedule).
+            if math.isfinite(self._last_grad_norm):
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_steps += 1
 
@@ -145,7 +151,8 @@ class TorchEngine:
     def load(self, directory: str | Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote and return the client state."""
         src = Path(directory)
-        state = torch.load(src / "state.pt", map_location=self.device, weights_only=True)
+        # Restricted unpickling with torch's own safe set only: optimizer and scheduler states are plain.
+        state = load_restricted(src / "state.pt", checkpoint=src, map_location=self.device)
         self._module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"]:

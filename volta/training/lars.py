@@ -91,21 +91,49 @@ def is_excluded_from_decay(name: str, param: Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+def is_fusion_gate(name: str) -> bool:
+    """The scalar gates of the cross-modal fusion (``[model.]fusion.<side>.<k>.gate``)."""
+    parts = name.split(".")
+    return parts[-1] == "gate" and "fusion" in parts
+
+
 def lars_param_groups(
-    model: nn.Module, *, lr: float, bias_lr: float, weight_decay: float, one_group_per_param: bool = False
+    model: nn.Module,
+    *,
+    lr: float,
+    bias_lr: float,
+    weight_decay: float,
+    one_group_per_param: bool = False,
+    gate_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into weights (lr, decay, adapted) and biases/norms (bias_lr, excluded).
 
-    With ``one_group_per_param`` every parameter gets its own group (needed for LARS under ZeRO sharding, where a
-    group is flattened and sliced across ranks).
+    With ``gate_lr`` the fusion gates form a third group (that lr, no decay, excluded); otherwise they are in the
+    bias group. With ``one_group_per_param`` every parameter gets its own group (needed for LARS under ZeRO
+    sharding, where a group is flattened and sliced across ranks).
     """
     weights: list[Tensor] = []
     excluded: list[Tensor] = []
+    gates: list[Tensor] = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if gate_lr is not None and is_fusion_gate(name):
+            gates.append(p)
+        else:
             (excluded if is_excluded_from_decay(name, p) else weights).append(p)
     w_group = {"lr": lr, "weight_decay": weight_decay, "lars_exclude": False}
     b_group = {"lr": bias_lr, "weight_decay": 0.0, "lars_exclude": True}
+    g_group = {"lr": gate_lr, "weight_decay": 0.0, "lars_exclude": True}
     if one_group_per_param:
-        return [{"params": [p], **w_group} for p in weights] + [{"params": [p], **b_group} for p in excluded]
-    return [g for g in ({"params": weights, **w_group}, {"params": excluded, **b_group}) if g["params"]]
+        return [
+            {"params": [p], **group}
+            for params, group in ((weights, w_group), (excluded, b_group), (gates, g_group))
+            for p in params
+        ]
+    candidates = (
+        {"params": weights, **w_group},
+        {"params": excluded, **b_group},
+        {"params": gates, **g_group},
+    )
+    return [g for g in candidates if g["params"]]

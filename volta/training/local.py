@@ -7,22 +7,19 @@ running the same command again resumes from the newest one.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from volta.config import VoltaConfig, load_config
+from volta.config import VoltaConfig
+from volta.devices import resolve_device
 from volta.dist import Collectives
-from volta.errors import UsageError
 from volta.training.engine import TorchEngine
 from volta.training.loop import LoopState, train
-from volta.training.run import Run, assemble, resolve_device
+from volta.training.run import Run, assemble
 
-__all__ = ["latest_checkpoint", "register", "train_local"]
+__all__ = ["latest_checkpoint", "train_local"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
@@ -79,23 +76,3 @@ def train_local(config: VoltaConfig) -> Run:
         train(engine, run.settings, run.hooks(checkpoint=checkpoint, report=lambda st, m: None), state)
     run.finish()
     return run
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    if config.train.precision == "fp16" and not torch.cuda.is_available():
-        raise UsageError("train: train.precision=fp16 needs a GPU; use bf16 or fp32")
-    run = train_local(config)
-    print(run.out_dir)
-    return 0
-
-
-def register(sub: Any) -> None:
-    """Add ``volta train`` to the ``volta`` command."""
-    from volta.commands import add_config_arguments
-
-    p = sub.add_parser(
-        "train", help="pre-train in this process (no Ray, no DeepSpeed); resumes from checkpoints"
-    )
-    add_config_arguments(p, required=True)
-    p.set_defaults(func=_cmd_train)

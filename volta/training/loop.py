@@ -10,6 +10,7 @@ states.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,13 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from volta.errors import DataError
 from volta.training.engine import Engine, is_finite, zero_loss
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss: the run is diverging."""
+    """Too many consecutive optimizer steps had a non-finite loss or gradient norm: the run is diverging."""
+
+    def __init__(self, message: str, *, step: int = 0) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -36,9 +42,12 @@ class LoopState:
     epoch: int = 0
     micro_in_epoch: int = 0
     samples_seen: int = 0
-    nonfinite_skipped: int = 0
+    nonfinite_skipped: int = 0  # micro-batches whose loss was non-finite (their gradient replaced by zeros)
+    nonfinite_grad_steps: int = 0  # steps whose gradient norm was non-finite (the engine skipped the update)
     nonfinite_in_row: int = 0
     data_skipped: dict[str, int] = field(default_factory=dict)
+    # Samples each DataLoader worker role had drawn this epoch: the batches' position["consumed"] maps, merged.
+    data_consumed: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -63,7 +72,8 @@ def _nothing(*_: Any) -> None:
 class LoopHooks:
     """Injected behaviour. Only ``make_loader`` is required.
 
-    - ``make_loader(epoch, start_micro)``: the micro-batch iterable of an epoch, starting at a position.
+    - ``make_loader(epoch, start_micro, consumed)``: the micro-batch iterable of an epoch, starting at a position
+      (``consumed``: the samples each DataLoader worker role had drawn, from the batches' positions).
     - ``any_rank(flag)``: True when ``flag`` is True on any rank (a collective; identity in one process).
     - ``on_step(state, metrics)``: after every optimizer step (logging, JSON lines, tracker).
     - ``validate(state)``: validation metrics, every ``val_every`` steps.
@@ -72,7 +82,7 @@ class LoopHooks:
     - ``preempted()``: True once a preemption notice arrived on this rank.
     """
 
-    make_loader: Callable[[int, int], Iterable[Any]]
+    make_loader: Callable[[int, int, Mapping[str, int]], Iterable[Any]]
     any_rank: Callable[[bool], bool] = _no_collective
     on_step: Callable[[LoopState, dict[str, float]], None] = _nothing
     validate: Callable[[LoopState], dict[str, float]] | None = None
@@ -116,16 +126,19 @@ class _Batches:
         s = self.state
         if s.micro_in_epoch >= self.micro_per_epoch:
             s.epoch, s.micro_in_epoch, self._it = s.epoch + 1, 0, None
+            s.data_consumed = {}
         if self._it is None:
-            self._it = iter(self.hooks.make_loader(s.epoch, s.micro_in_epoch))
+            self._it = iter(self.hooks.make_loader(s.epoch, s.micro_in_epoch, dict(s.data_consumed)))
         try:
             batch = next(self._it)
         except StopIteration:
-            raise RuntimeError(
+            raise DataError(
                 f"the data loader of epoch {s.epoch} ended after {s.micro_in_epoch} micro-batches; "
                 f"expected {self.micro_per_epoch} (equal batches per rank are required)"
             ) from None
         s.micro_in_epoch += 1
+        consumed = (getattr(batch, "position", None) or {}).get("consumed", {})
+        s.data_consumed.update({str(role): int(n) for role, n in consumed.items()})
         return batch
 
 
@@ -165,22 +178,30 @@ def train(
                     if v.numel() == 1:
                         sums[k] = sums.get(k, 0.0) + float(v.detach().float())
             engine.step()
+        # A finite loss can still give non-finite gradients (an overflow in the backward pass). The engines skip
+        # such an update (DeepSpeed: the ZeRO optimizer's overflow check; TorchEngine: the same rule) and report
+        # the norm as non-finite; the norm is global, so every rank sees the same value.
+        norm = engine.grad_norm()
+        bad_grads = norm is not None and not math.isfinite(norm)
+        state.nonfinite_grad_steps += int(bad_grads)
         state.step += 1
         state.samples_seen += settings.global_batch_size
-        state.nonfinite_in_row = state.nonfinite_in_row + 1 if good < settings.grad_accum else 0
+        bad_step = good < settings.grad_accum or bad_grads
+        state.nonfinite_in_row = state.nonfinite_in_row + 1 if bad_step else 0
         if state.nonfinite_in_row >= settings.max_nonfinite_in_row:
             raise NonFiniteLossError(
-                f"non-finite loss in {state.nonfinite_in_row} consecutive steps (step {state.step}); "
-                "lower the learning rate or check the data"
+                f"non-finite loss or gradients in {state.nonfinite_in_row} consecutive steps (step {state.step}); "
+                "lower the learning rate or check the data",
+                step=state.step,
             )
         dt = time.perf_counter() - t0
         metrics = {f"train/{k}": v / good for k, v in sums.items()} if good else {}
         metrics["train/lr"] = engine.lr()
-        norm = engine.grad_norm()
-        if norm is not None:
+        if norm is not None and not bad_grads:
             metrics["train/grad_norm"] = norm
         metrics["train/samples_per_s"] = settings.global_batch_size / max(dt, 1e-9)
         metrics["train/nonfinite_skipped"] = float(state.nonfinite_skipped)
+        metrics["train/nonfinite_grad_steps"] = float(state.nonfinite_grad_steps)
         metrics.update({f"data/skipped_{k}": float(v) for k, v in state.data_skipped.items()})
         metrics["step"] = float(state.step)
         metrics["epoch"] = float(state.epoch)

@@ -13,7 +13,7 @@ runs the same run::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +28,11 @@ from volta.training.engine import Engine
 from volta.training.loop import LoopHooks, LoopSettings, LoopState
 from volta.training.metrics import JsonlMetrics, format_progress
 
-__all__ = ["Run", "assemble", "resolve_device", "run_dir"]
+__all__ = ["Run", "assemble", "run_dir"]
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[LoopState, dict[str, float]], None]
-
-
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """``train.device`` as a device: ``auto`` takes this rank's GPU when CUDA is available, else the CPU."""
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but CUDA is not available on this machine")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def run_dir(config: VoltaConfig) -> Path:
@@ -70,8 +61,11 @@ class Run:
         self._metrics = JsonlMetrics(self.out_dir / "metrics.jsonl") if self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------------ data
-    def make_loader(self, epoch: int, start_micro: int) -> Iterable[Any]:
-        """This rank's training batches of ``epoch`` from micro-batch ``start_micro`` on."""
+    def make_loader(
+        self, epoch: int, start_micro: int, consumed: Mapping[str, int] | None = None
+    ) -> Iterable[Any]:
+        """This rank's training batches of ``epoch`` from micro-batch ``start_micro`` on (``consumed``: the
+        per-worker sample counts of the batches read so far, which make the resume exact)."""
         from volta.data.factory import build_train_loader
 
         return build_train_loader(
@@ -81,6 +75,9 @@ class Run:
             world_size=self.world_size,
             epoch=epoch,
             start_batch=start_micro,
+            consumed=consumed or None,
+            # Page-locked batches on a GPU host: the copy to the device overlaps compute (non_blocking moves).
+            pin_memory=self.device.type == "cuda",
         )
 
     # ------------------------------------------------------------------------------------------ per step
@@ -170,7 +167,7 @@ class Run:
         *,
         checkpoint: StepCallback,
         report: StepCallback,
-        make_loader: Callable[[int, int], Iterable[Any]] | None = None,
+        make_loader: Callable[[int, int, Mapping[str, int]], Iterable[Any]] | None = None,
         on_metrics: StepCallback | None = None,
         on_picture: Callable[[Path], None] | None = None,
         preempted: Callable[[], bool] = lambda: False,

@@ -28,6 +28,13 @@ def scaled_lrs(cfg: OptimConfig, global_batch_size: int) -> tuple[float, float]:
     return cfg.lr * scale, cfg.bias_lr * scale
 
 
+def scaled_gate_lr(cfg: OptimConfig, global_batch_size: int) -> float | None:
+    """``optim.gate_lr`` scaled as the other learning rates; None when the gates train with the biases."""
+    if cfg.gate_lr is None:
+        return None
+    return cfg.gate_lr * (global_batch_size / 512 if cfg.scale_lr_with_batch else 1.0)
+
+
 def build_optimizer(
     model: nn.Module,
     cfg: OptimConfig,
@@ -48,6 +55,7 @@ def build_optimizer(
         bias_lr=bias_lr,
         weight_decay=cfg.weight_decay,
         one_group_per_param=sharded and cfg.name == "lars",
+        gate_lr=scaled_gate_lr(cfg, global_batch_size),
     )
     if cfg.name == "lars":
         return LARS(
