@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -169,13 +170,19 @@ def _job_info(client: Any, submission_id: str) -> dict[str, Any]:
 
 
 def driver_connected_time(logs: str) -> float | None:
-    """Epoch seconds of the driver's "Connected to Ray cluster" log line (local time, ms), or None."""
-    for line in logs.splitlines():
-        if "Connected to Ray cluster" in line:
-            stamp = line.split("\t", 1)[0].strip()
-            with contextlib.suppress(ValueError):
-                return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return None
+    """Epoch seconds of the driver's "Connected to Ray cluster" log line (local time, ms), or None.
+
+    Searched in the whole log, not line by line: the driver's C++ core writes to the same stderr, and on a loaded
+    machine one of its lines can land in front of Python's log record on the same line (CI saw the milestone
+    missing while the job had connected).
+    """
+    match = _CONNECTED.search(logs)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+_CONNECTED = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3})\s+INFO [^\n]*?Connected to Ray cluster")
 
 
 def submit_once(address: str, data: Path, out: Path, name: str, *, config: str, steps: int) -> dict[str, Any]:
