@@ -61,7 +61,12 @@ def test_driver_connected_time_is_found_when_another_write_lands_on_the_same_lin
     expected = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
     clean = f"{stamp}\tINFO worker.py:2029 -- Connected to Ray cluster. View the dashboard at http://127.0.0.1:1\n"
     # The driver's C++ core writes to the same stderr; its line can land in front of the Python record.
-    interleaved = "[2026-12-07 00:56:09,769 W 3981 3981] network_util.cc:330: Failed to determine local IP" + clean
+    interleaved = (
+        "[2026-12-07 00:56:09,769 W 3981 3981] network_util.cc:330: Failed to determine local IP" + clean
+    )
     assert driver_connected_time("Running entrypoint\n" + clean) == expected
     assert driver_connected_time(interleaved) == expected
-    assert driver_connected_time("2026-12-07 00:56:09,770\tINFO worker.py:1841 -- Connecting to existing\n") is None
+    assert (
+        driver_connected_time("2026-12-07 00:56:09,770\tINFO worker.py:1841 -- Connecting to existing\n")
+        is None
+    )
