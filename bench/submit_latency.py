@@ -60,6 +60,9 @@ def _env() -> dict[str, str]:
         RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
     )
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The driver's INFO line "Connected to Ray cluster" is a timed milestone: a quiet-mode setting inherited from
+    # the caller (pretrain.py without --verbose sets it in its process) would drop it.
+    env.pop("RAY_LOGGER_LEVEL", None)
     return env
 
 

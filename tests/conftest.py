@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+# What orchestration.pretrain.main sets in quiet mode (QUIET_ENV + RAY_LOGGER_LEVEL; test_demo_output checks).
+QUIET_MODE_ENV_KEYS = ("RAY_LOGGER_LEVEL", "TORCH_CPP_LOG_LEVEL")
+
+
+@pytest.fixture(autouse=True)
+def _keep_quiet_mode_env_to_its_test() -> Iterator[None]:
+    """``orchestration.pretrain.main`` without ``--verbose`` sets ``RAY_LOGGER_LEVEL``/``TORCH_CPP_LOG_LEVEL`` in its
+    process (read when Ray starts). Tests call it in-process, so without this the setting leaked into every later
+    test of the pytest worker and the Ray clusters they start (CI: a benchmark's job driver lost its INFO lines)."""
+    keys = QUIET_MODE_ENV_KEYS
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -134,6 +134,23 @@ def test_verbose_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert wants_verbose(False)
 
 
+def test_quiet_mode_sets_only_the_variables_the_test_suite_restores(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # tests/conftest.py puts these back after every test: quiet mode is read when Ray starts, and an in-process
+    # main() once left RAY_LOGGER_LEVEL=warning behind for every later Ray cluster of the pytest worker.
+    from orchestration.pretrain import main
+    from tests.conftest import QUIET_MODE_ENV_KEYS
+
+    monkeypatch.delenv("VOLTA_VERBOSE", raising=False)
+    for key in QUIET_MODE_ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2  # quiet mode, then the config error
+    changed = {k for k in os.environ.keys() | before.keys() if os.environ.get(k) != before.get(k)}
+    assert changed == set(QUIET_MODE_ENV_KEYS)
+
+
 def _fixture_run(run: Path) -> None:
     run.mkdir(parents=True)
     lines = [
