@@ -248,3 +248,38 @@ def test_the_model_rejects_an_unknown_placement() -> None:
     text = RobertaTextEncoder.from_config(text_config_for(cfg, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="fusion_placement must be one of before_mlp, after_block"):
         VoLTAModel(image, text, fusion_depth=2, fusion_placement="inside")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- gate init
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_gate_init_opens_the_cross_attention_to_gradient_from_the_first_step(placement: str) -> None:
+    cfg = load_config(REPO / "configs" / "debug.yaml")
+    assert cfg.model.fusion_gate_init == 0.0  # the paper's, the default
+    images = ids = mask = None
+    grads: dict[float, float] = {}
+    dual: dict[float, torch.Tensor] = {}
+    for init in (0.0, 0.25):
+        torch.manual_seed(0)
+        cfg_model = _config(placement, fusion_depth=2).model_copy(update={"fusion_gate_init": init})
+        model = build_model(cfg_model, vocab_size=VOCAB)
+        assert all(float(g.detach()) == init for g in model.fusion.gates())
+        if images is None:
+            images, ids, mask = make_batch(model)
+        out = model(images, ids, mask, fusion=True)
+        (out.image_tokens.square().mean() + out.text_tokens.square().mean()).backward()
+        grads[init] = sum(
+            float(p.grad.abs().sum())
+            for name, p in model.fusion.named_parameters()
+            if not name.endswith("gate") and p.grad is not None
+        )
+        with torch.no_grad():
+            dual[init] = model(images, ids, mask, fusion=False).text_tokens
+    # A closed gate passes no gradient to the weights under it; an open one does.
+    assert grads[0.0] == 0.0 and grads[0.25] > 0.0
+    # Fusion off never reads the gates: the dual-encoder outputs are the same whatever the init.
+    assert torch.equal(dual[0.0], dual[0.25])
+
+
+def test_gate_init_is_validated() -> None:
+    with pytest.raises(ConfigError, match="model.fusion_gate_init"):
+        load_config(REPO / "configs" / "debug.yaml", ["model.fusion_gate_init=3"])

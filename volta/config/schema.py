@@ -114,6 +114,10 @@ class ModelConfig(_Section):
     # self-attention and its MLP, so the MLP reads the fused signal (FIBER's placement, the paper's);
     # "after_block" = added to the block's output.
     fusion_placement: Literal["before_mlp", "after_block"] = "after_block"
+    # Initial value of every fusion gate. 0 (the paper's) makes the fused network start as the uni-modal one, and
+    # the cross-attention under a gate at 0 gets no gradient until the gate moves (docs/model.md). Fusion off never
+    # reads the gates, so the dual-encoder losses do not depend on this.
+    fusion_gate_init: float = Field(0.0, ge=-1.0, le=1.0)
     shared_dim: int = Field(768, ge=8)
     projector_hidden_dim: int = Field(2048, ge=8)
     projector_out_dim: int = Field(1024, ge=8)

@@ -52,6 +52,7 @@ def build_model(
         RobertaTextEncoder.from_config(text_config, grad_checkpointing=cfg.text.grad_checkpointing),
         fusion_depth=cfg.fusion_depth,
         fusion_placement=cfg.fusion_placement,
+        fusion_gate_init=cfg.fusion_gate_init,
         shared_dim=cfg.shared_dim,
         projector_hidden_dim=cfg.projector_hidden_dim,
         projector_out_dim=cfg.projector_out_dim,

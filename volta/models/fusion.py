@@ -31,13 +31,21 @@ FuseFn = Callable[[torch.Tensor], torch.Tensor]
 class GatedCrossAttention(nn.Module):
     """``x + gate * MHA(LN(x), LN(context))``: cross-attention from ``dim`` queries to ``context_dim`` keys/values.
 
-    ``gate`` is a learnable scalar initialised to 0. Keys and values are projected from the other modality's
+    ``gate`` is a learnable scalar initialised to ``gate_init`` (0, the paper's: the fused network starts as the
+    uni-modal one; the cross-attention under a gate at 0 gets no gradient until the gate moves). Keys and values are projected from the other modality's
     width by ``nn.MultiheadAttention`` (``kdim = vdim = context_dim``). The context is layer-normed too because
     Swin's residual stream is not normalised between blocks.
     """
 
     def __init__(
-        self, dim: int, context_dim: int, num_heads: int, *, eps: float = 1e-5, dropout: float = 0.0
+        self,
+        dim: int,
+        context_dim: int,
+        num_heads: int,
+        *,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+        gate_init: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -48,7 +56,7 @@ class GatedCrossAttention(nn.Module):
             dim, num_heads, dropout=dropout, kdim=context_dim, vdim=context_dim, batch_first=True
         )
         # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters (its comm op views them as bytes).
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
@@ -77,15 +85,18 @@ class CrossModalFusion(nn.Module):
         *,
         image_eps: float = 1e-5,
         text_eps: float = 1e-5,
+        gate_init: float = 0.0,
     ) -> None:
         super().__init__()
         if len(image_dims) != len(image_heads):
             raise ValueError("image_dims and image_heads must have one entry per fused image block")
         self.image = nn.ModuleList(
-            GatedCrossAttention(d, text_dim, h, eps=image_eps) for d, h in zip(image_dims, image_heads)
+            GatedCrossAttention(d, text_dim, h, eps=image_eps, gate_init=gate_init)
+            for d, h in zip(image_dims, image_heads)
         )
         self.text = nn.ModuleList(
-            GatedCrossAttention(text_dim, d, text_heads, eps=text_eps) for d in image_dims
+            GatedCrossAttention(text_dim, d, text_heads, eps=text_eps, gate_init=gate_init)
+            for d in image_dims
         )
 
     @property

@@ -132,6 +132,7 @@ class VoLTAModel(nn.Module):
         *,
         fusion_depth: int,
         fusion_placement: FusionPlacement = "after_block",
+        fusion_gate_init: float = 0.0,
         shared_dim: int = 768,
         projector_hidden_dim: int = 2048,
         projector_out_dim: int = 1024,
@@ -166,6 +167,7 @@ class VoLTAModel(nn.Module):
             text_dim=text_encoder.width,
             text_heads=text_encoder.num_heads,
             text_eps=text_encoder.config.layer_norm_eps,
+            gate_init=fusion_gate_init,
         )
         di, dt = image_encoder.out_dim, text_encoder.width
         self.bt_image_projector = MLPProjector(di, projector_hidden_dim, projector_out_dim)
