@@ -53,7 +53,11 @@ def test_a_tiny_pass_measures_every_pipeline() -> None:
     out = feed.measure_cpu(8, image_size=32, batch_size=4, repeats=1)
     rates = out["samples_per_s_per_core"]
     assert set(rates) == {"baseline", "volta", "volta_decode_only"} and all(r > 0 for r in rates.values())
-    assert out["volta_over_baseline"] == round(rates["volta"] / rates["baseline"], 2)
+    # The ratio is taken before the rates are rounded to 0.1 for the report (CI once saw 1.76 from 114.9 / 65.5):
+    # it must match the reported rates within what that rounding and its own rounding to 0.01 can move it.
+    v, b = rates["volta"], rates["baseline"]
+    slack = 0.005 + 0.05 * (1 + v / b) / (b - 0.05) + 1e-9
+    assert out["volta_over_baseline"] == pytest.approx(v / b, abs=slack)
 
 
 def test_the_baseline_makes_two_normalised_views_of_the_requested_size() -> None:
