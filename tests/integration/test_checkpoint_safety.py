@@ -12,7 +12,6 @@ import os
 import pickle
 import shlex
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from tests.integration.test_cluster import _free_port
 from volta.errors import CheckpointRejected
 from volta.training.engine import TorchEngine
 from volta.training.safe_load import load_restricted, refusal
@@ -219,12 +219,6 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         (out / f"rank-{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
