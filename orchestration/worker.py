@@ -30,7 +30,13 @@ from volta.devices import resolve_device
 from volta.dist import Collectives
 from volta.errors import DataError
 from volta.run_storage import RunStorage, checkpoint_step, verify_checkpoint_dir, write_manifest
-from volta.training.failures import deterministic_kind, failure_line, read_failure, record_failure
+from volta.training.failures import (
+    deterministic_kind,
+    failure_line,
+    read_failure,
+    record_failure,
+    record_retried_failure,
+)
 from volta.training.loop import LoopState, train
 from volta.training.run import assemble
 
@@ -160,6 +166,10 @@ def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
                 storage, exc, kind=kind, rank=rank, step=step, last_checkpoint=progress.checkpoint
             )
             log.error("rank %d: %s", rank, failure_line(record))
+        else:
+            record_retried_failure(
+                storage, exc, rank=rank, step=progress.step, last_checkpoint=progress.checkpoint
+            )
         raise
 
 

@@ -105,6 +105,17 @@ class Run:
     def resumes(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in (self.text("resumes.jsonl") or "").splitlines() if x.strip()]
 
+    def retried_failures(self) -> list[dict[str, Any]]:
+        return [json.loads(self.text(k) or "{}") for k in sorted(self.objects()) if k.startswith("failures/")]
+
+    def assert_resumed_from(self, step: int) -> None:
+        """The first restart resumed from checkpoint ``step``. A later, unplanned infrastructure failure (a loaded
+        CI machine) may restart the group again: that is retried as designed, so it is allowed when it resumed
+        no earlier than the restart before it; the exactness checks that follow still apply to the whole run."""
+        steps = [int(r["step"]) for r in self.resumes()]
+        why = f"{self.name}: resumes {self.resumes()}, retried failures {self.retried_failures()}"
+        assert steps and steps[0] == step and steps == sorted(steps), why
+
     def batches(self) -> dict[tuple[int, int, int], list[str]]:
         """(rank, epoch, batch) -> sample keys; the last reading wins (a resumed run re-reads some batches)."""
         out: dict[tuple[int, int, int], list[str]] = {}
@@ -130,7 +141,7 @@ def reference(
 ) -> Run:
     ref = Run(tmp_path_factory.mktemp("ref"), "ref", s3_data, synth_data)
     assert ref.start() == 0
-    assert ref.resumes() == [], "the reference run restarted: it cannot serve as the uninterrupted run"
+    assert ref.resumes() == [], f"the reference run restarted ({ref.retried_failures()}): it cannot serve"
     return ref
 
 
@@ -194,7 +205,8 @@ def test_worker_killed_resumes_exactly(
 ) -> None:
     run = Run(tmp_path, failpoint.split("@")[0].replace("_", "-"), s3_data, synth_data)
     assert run.start(failpoint) == 0
-    assert [r["step"] for r in run.resumes()] == [resumed_from]
+    run.assert_resumed_from(resumed_from)
+    assert any(run.failpoint_dir.glob("*.fired"))  # the planned fault happened
     _assert_same_as_reference(run, reference)
     if failpoint.startswith("kill_in_save"):
         assert not any(k.startswith("checkpoint-00000006/") for k in run.objects()) or all(
@@ -226,7 +238,7 @@ def test_driver_killed_during_export_then_resubmitted(
     )
     second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert run.resumes() == [{**run.resumes()[0], "step": STEPS}]  # nothing retrained: only the export redone
+    run.assert_resumed_from(STEPS)  # nothing retrained: only the export redone
     _assert_same_as_reference(run, reference)
 
 
@@ -244,7 +256,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(
     body[middle : middle + 64] = bytes(b ^ 0xFF for b in body[middle : middle + 64])
     run.s3.put_object(Bucket=BUCKET, Key=f"runs/corrupt/{key}", Body=bytes(body))
     assert run.start() == 0  # resubmitted: checkpoint 12 fails its digest, 9 is used, steps 10-12 redone
-    assert [r["step"] for r in run.resumes()] == [STEPS - 3]
+    run.assert_resumed_from(STEPS - 3)
     _assert_same_as_reference(run, reference)
 
 
@@ -288,7 +300,7 @@ def test_base_recipe_data_settings_killed_at_a_random_step_see_every_sample_once
     assert uninterrupted.start() == 0
     run = Run(tmp_path / "k", "base-data-killed", s3_data, synth_data, **settings)
     assert run.start(f"kill_mid_step@0:{step}") == 0
-    assert [r["step"] for r in run.resumes()] == [(step - 1) // 3 * 3]  # the last checkpoint before the kill
+    run.assert_resumed_from((step - 1) // 3 * 3)  # the last checkpoint before the kill
     batches = run.batches()
     assert batches == uninterrupted.batches()
     epoch0 = Counter(k for (_, epoch, _), keys in batches.items() if epoch == 0 for k in keys)

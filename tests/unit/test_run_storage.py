@@ -12,7 +12,14 @@ import torch
 from volta.config import ConfigError
 from volta.errors import CheckpointRejected, DataError
 from volta.run_storage import RunStorage, checkpoint_step, verify_checkpoint_dir, write_manifest
-from volta.training.failures import deterministic_kind, failure_line, read_failure, record_failure
+from volta.training.failures import (
+    deterministic_kind,
+    failure_line,
+    read_failure,
+    read_retried_failures,
+    record_failure,
+    record_retried_failure,
+)
 from volta.training.loop import NonFiniteLossError
 
 pytestmark = pytest.mark.unit
@@ -92,3 +99,18 @@ def test_failure_record_round_trip_and_one_line(tmp_path: Path) -> None:
     line = failure_line(record)
     assert "\n" not in line and "not retried" in line and line.endswith("checkpoint-00000003")
     assert json.loads((tmp_path / "run" / "FAILED.json").read_text())["kind"] == "non-finite"
+
+
+def test_retried_failures_are_kept_one_per_rank_and_read_oldest_first(tmp_path: Path) -> None:
+    storage = RunStorage.for_run(str(tmp_path), "run")
+    assert read_retried_failures(storage) == []
+    # Two ranks of one attempt fail together (the same second, the same pid on one machine in this test):
+    # neither record may replace the other.
+    record_retried_failure(
+        storage, ConnectionResetError("gloo read error\nstack"), rank=0, step=4, last_checkpoint=None
+    )
+    record_retried_failure(storage, RuntimeError("worker lost"), rank=1, step=4, last_checkpoint="ckpt-3")
+    records = read_retried_failures(storage)
+    assert [r["rank"] for r in records] == [0, 1]
+    assert records[0]["cause"] == "ConnectionResetError: gloo read error" and records[1]["kind"] == "retried"
+    assert read_failure(storage) is None  # a retried failure never stops the run

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from typing import Any
 
@@ -21,9 +22,19 @@ from volta.errors import CheckpointRejected, DataError
 from volta.run_storage import RunStorage
 from volta.training.loop import NonFiniteLossError
 
-__all__ = ["FAILED", "deterministic_kind", "failure_line", "read_failure", "record_failure"]
+__all__ = [
+    "FAILED",
+    "RETRIED",
+    "deterministic_kind",
+    "failure_line",
+    "read_failure",
+    "read_retried_failures",
+    "record_failure",
+    "record_retried_failure",
+]
 
 FAILED = "FAILED.json"
+RETRIED = "failures"  # one record per rank that saw a failure the launcher retries: why each restart happened
 
 
 def deterministic_kind(exc: BaseException) -> str | None:
@@ -39,11 +50,10 @@ def deterministic_kind(exc: BaseException) -> str | None:
     return None
 
 
-def record_failure(
-    storage: RunStorage, exc: BaseException, *, kind: str, rank: int, step: int, last_checkpoint: str | None
+def _record(
+    exc: BaseException, *, kind: str, rank: int, step: int, last_checkpoint: str | None
 ) -> dict[str, Any]:
-    """Write ``FAILED.json`` (best effort: a storage error here must not hide the original failure)."""
-    record = {
+    return {
         "kind": kind,
         "cause": f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
         "rank": rank,
@@ -51,10 +61,41 @@ def record_failure(
         "last_checkpoint": last_checkpoint,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def record_failure(
+    storage: RunStorage, exc: BaseException, *, kind: str, rank: int, step: int, last_checkpoint: str | None
+) -> dict[str, Any]:
+    """Write ``FAILED.json`` (best effort: a storage error here must not hide the original failure)."""
+    record = _record(exc, kind=kind, rank=rank, step=step, last_checkpoint=last_checkpoint)
     # Best effort: a storage error here must not hide the original failure, which the worker re-raises next.
     with contextlib.suppress(Exception):
         storage.put_bytes(FAILED, json.dumps(record, indent=1).encode())
     return record
+
+
+def record_retried_failure(
+    storage: RunStorage, exc: BaseException, *, rank: int, step: int, last_checkpoint: str | None
+) -> dict[str, Any]:
+    """Add ``failures/<time>-rank<r>-<pid>.json`` for a failure the launcher retries (best effort, like
+    :func:`record_failure`). One object per rank and attempt, so ranks failing together never overwrite each
+    other. A rank killed outright (SIGKILL, the OOM killer) writes nothing; its peers record the broken
+    collective that its death caused."""
+    record = _record(exc, kind="retried", rank=rank, step=step, last_checkpoint=last_checkpoint)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    with contextlib.suppress(Exception):
+        storage.put_bytes(f"{RETRIED}/{stamp}-rank{rank}-{os.getpid()}.json", json.dumps(record).encode())
+    return record
+
+
+def read_retried_failures(storage: RunStorage) -> list[dict[str, Any]]:
+    """Every retried failure recorded for the run, oldest first."""
+    out = []
+    for rel in sorted(storage.list_files(RETRIED)):
+        data = storage.get_bytes(f"{RETRIED}/{rel}")
+        if data:
+            out.append(json.loads(data))
+    return out
 
 
 def read_failure(storage: RunStorage) -> dict[str, Any] | None:
