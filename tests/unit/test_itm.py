@@ -92,3 +92,21 @@ def test_itm_loss_is_mean_cross_entropy_in_fp32() -> None:
     out = itm_loss(logits, labels)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, F.cross_entropy(logits.float(), labels))
+
+
+def test_itm_head_input_norm_reads_only_what_differs_between_samples() -> None:
+    from volta.models.heads import ITMHead
+
+    torch.manual_seed(0)
+    image, text = torch.randn(8, 5, 12), torch.randn(8, 4, 10)  # (B, P, Di), (B, T, Dt)
+    shift_i, shift_t = 10 * torch.randn(12), 10 * torch.randn(10)  # what every sample shares
+    normed = ITMHead(12, 10, 6, input_norm=True).train()
+    same = normed(image + shift_i, text + shift_t * 3), normed(image, text)
+    # The paper's head (default) takes the pooled tokens as they are: a shared offset changes its logits.
+    paper = ITMHead(12, 10, 6).train()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in paper.modules())
+    assert torch.allclose(same[0], same[1], atol=1e-4)
+    assert not torch.allclose(paper(image + shift_i, text + shift_t), paper(image, text), atol=1e-2)
+    # A per-dimension rescaling of the whole batch is removed too (batch statistics), a per-sample one is not.
+    assert torch.allclose(normed(image * 7, text * 3), normed(image, text), atol=1e-3)
+    assert not torch.allclose(normed(image * torch.rand(8, 1, 1), text), normed(image, text), atol=1e-3)

@@ -126,6 +126,9 @@ class ModelConfig(_Section):
     # A final affine-free BatchNorm on the GOT projector: without it the projector, trained by GOT alone, can map
     # every token to one direction and drive WD/GWD to 0 (measured; see docs/losses.md). False = the paper's MLP.
     got_projector_output_norm: bool = True
+    # Batch-standardise the ITM head's two pooled tokens (not in the paper; docs/model.md): from-scratch backbones
+    # give pooled tokens that differ little between samples, and the paper's head then stays at chance.
+    itm_input_norm: bool = False
     # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
     share_unimodal_prefix: bool = True
 
