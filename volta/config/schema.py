@@ -127,7 +127,7 @@ class ModelConfig(_Section):
     # every token to one direction and drive WD/GWD to 0 (measured; see docs/losses.md). False = the paper's MLP.
     got_projector_output_norm: bool = True
     # Batch-standardise the ITM head's two pooled tokens (not in the paper; docs/model.md): from-scratch backbones
-    # give pooled tokens that differ little between samples, and the paper's head then stays at chance.
+    # give pooled tokens that differ little between samples, and the paper's head then stays near chance.
     itm_input_norm: bool = False
     # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
     share_unimodal_prefix: bool = True
