@@ -11,6 +11,7 @@ Ray's retries stop at once (:mod:`volta.training.failures`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,29 @@ def _candidates(config: Any, storage: RunStorage, registered: Any, rank: int) ->
     return out
 
 
+@contextlib.contextmanager
+def private_copy(checkpoint: Any, rank: int) -> Iterator[str]:
+    """A directory holding ``checkpoint``'s files that no other process writes to or deletes while it is open.
+
+    Ray's ``Checkpoint.as_directory`` downloads a remote checkpoint into one directory per checkpoint object,
+    shared by the ranks of a node: a rank that enters after another has finished downloading downloads it again
+    over the files the other is reading, and the last one out deletes it (a CI run saw rank 0 read a torn
+    ``mp_rank_00_model_states.pt`` after a restart). Each rank therefore downloads into a directory of its own
+    and deletes it when done; a checkpoint on the local file system is read in place, never copied.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    local = tempfile.mkdtemp(prefix=f"volta-resume-r{rank}-")
+    try:
+        checkpoint.to_directory(local)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def _restore_metrics(storage: RunStorage, local: Path, step: int) -> None:
     """Rank 0 on resume: the run's metrics file from storage, cut after ``step`` (the steps about to be redone)."""
     data = storage.get_bytes("metrics.jsonl")
@@ -214,7 +238,7 @@ def _train(
     resumed: str | None = None
     problems: list[str] = []
     for name, checkpoint, manifests in candidates:
-        with checkpoint.as_directory() as ckpt_dir:
+        with private_copy(checkpoint, rank) as ckpt_dir:
             problem = verify_checkpoint_dir(Path(ckpt_dir)) if manifests else None
             if problem is not None:
                 problems.append(f"{name}: {problem}")
