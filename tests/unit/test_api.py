@@ -157,6 +157,31 @@ def test_encoders_give_the_retrieval_evaluation_features(
         loaded.encode_image(torch.zeros(1, 3, 32, 32))
 
 
+def test_local_features_are_means_of_the_unit_got_tokens_of_words(assets: EvalAssets) -> None:
+    # A naive per-sample loop over the GOT projections, from the tokenizer's own special-token mask.
+    tokenizer = load_tokenizer(str(assets.tokenizer))
+    loader = build_config_eval_loader(assets.config, tokenizer, str(assets.shards), batch_size=8)
+    features = extract_features(assets.model, loader, device="cpu")
+    assert features.image_local is not None and features.text_local is not None
+    row = 0
+    with evaluating(assets.model):
+        for batch in build_config_eval_loader(assets.config, tokenizer, str(assets.shards), batch_size=8):
+            got = assets.model.got_projections(forward_dual(assets.model, batch, "cpu"))
+            for i in range(batch.batch_size):
+                patches = [got.image[i, p] / got.image[i, p].norm() for p in range(got.image.shape[1])]
+                ids = batch.input_ids[i].tolist()
+                words = [
+                    got.text[i, j] / got.text[i, j].norm()
+                    for j in range(len(ids))
+                    if batch.attention_mask[i, j] and ids[j] not in tokenizer.all_special_ids
+                ]
+                assert words, "every caption has a word"
+                torch.testing.assert_close(features.image_local[row], torch.stack(patches).mean(0))
+                torch.testing.assert_close(features.text_local[row], torch.stack(words).mean(0))
+                row += 1
+    assert row == len(features)
+
+
 def test_ground_gives_each_content_word_its_plan_mass(assets: EvalAssets, loaded: VoltaDualEncoder) -> None:
     picture = Image.new("RGB", (90, 60), (120, 120, 120))
     picture.paste((220, 30, 30), (10, 10, 40, 40))

@@ -32,6 +32,8 @@ TRAINED = {
         "n_images": 100.0, "n_texts": 100.0,
         "global_i2t_r1": 0.1, "global_i2t_r5": 0.2, "global_i2t_r10": 0.3,
         "global_t2i_r1": 0.1, "global_t2i_r5": 0.2, "global_t2i_r10": 0.3,
+        "local_i2t_r1": 0.15, "local_i2t_r5": 0.35, "local_i2t_r10": 0.55,
+        "local_t2i_r1": 0.15, "local_t2i_r5": 0.35, "local_t2i_r10": 0.55,
     },
     "grounding": {
         "acc": 0.6, "random": 0.2, "center": 0.3, "n": 50.0,
@@ -66,6 +68,9 @@ def test_table_rows_values_and_baselines() -> None:
     )  # fmt: skip
     assert rows["retrieval text->image R@1/5/10 (projector)"][0] == "0.200 / 0.400 / 0.600"
     assert rows["retrieval image->text R@1/5/10 (backbone)"][:2] == ("0.100 / 0.200 / 0.300", NOT_MEASURED)
+    assert rows["retrieval text->image R@1/5/10 (GOT token means)"][:3] == (
+        "0.150 / 0.350 / 0.550", NOT_MEASURED, "0.010 / 0.050 / 0.100"
+    )  # fmt: skip
     assert rows["linear probe accuracy"] == ("0.800", NOT_MEASURED, "-", "-")
     assert rows["ITM accuracy (held-out)"] == (NOT_MEASURED, NOT_MEASURED, "-", "-")
 
@@ -76,7 +81,7 @@ def test_missing_sections_print_not_measured() -> None:
     assert rows["word pointing, all words"][0] == NOT_MEASURED
     assert not any(name.startswith("word pointing, ") and "all" not in name for name in rows)
     assert rows["retrieval image->text R@1 (projector)"] == ("0.500", NOT_MEASURED, NOT_MEASURED, "-")
-    assert not any("backbone" in name for name in rows)
+    assert not any("backbone" in name or "GOT" in name for name in rows)
 
 
 def test_held_out_itm_when_the_eval_has_it() -> None:

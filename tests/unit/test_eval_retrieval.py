@@ -84,6 +84,23 @@ def test_evaluate_retrieval_reports_backbone_means_only_when_comparable() -> Non
     assert "global_i2t_r1" not in evaluate_retrieval(wide, [1])
 
 
+def test_evaluate_retrieval_reports_got_token_means_standardised() -> None:
+    # The token means carry a large offset per modality (as mean-pooled features do): standardised, they
+    # retrieve exactly; the backbone means here are noise and do not.
+    torch.manual_seed(0)
+    n = 8
+    signal = torch.randn(n, 16)
+    features = EvalFeatures(
+        torch.randn(n, 4), torch.randn(n, 4), torch.eye(n), torch.eye(n), torch.arange(n),
+        image_local=signal + 50 * torch.randn(16), text_local=3 * signal + 50 * torch.randn(16),
+    )  # fmt: skip
+    out = evaluate_retrieval(features, [1])
+    assert out["local_i2t_r1"] == 1.0 and out["local_t2i_r1"] == 1.0
+    assert out["global_i2t_r1"] < 1.0
+    without = EvalFeatures(torch.eye(n), torch.eye(n), torch.eye(n), torch.eye(n), torch.arange(n))
+    assert "local_i2t_r1" not in evaluate_retrieval(without, [1])  # not extracted: not reported
+
+
 def test_rejects_mismatched_inputs() -> None:
     with pytest.raises(ValueError, match="width"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 5), torch.arange(3), [1])

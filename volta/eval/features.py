@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from volta.data.batch import EvalBatch
@@ -32,6 +33,8 @@ class EvalFeatures:
     ``image_global (N, Di)`` / ``text_global (N, Dt)`` are the backbone means, ``image_bt`` / ``text_bt (N, D)``
     the Barlow Twins projector outputs, ``image_ids (N,)`` the image hashes (equal for captions of one image),
     ``labels`` the JSON ``label`` of each sample (None when absent) and ``keys`` the sample keys.
+    ``image_local`` / ``text_local (N, G)`` are the means of the GOT token projections (every patch; every real
+    word token, special tokens left out): the global features of the space the local alignment loss trains.
     """
 
     image_global: Tensor
@@ -41,6 +44,8 @@ class EvalFeatures:
     image_ids: Tensor
     labels: list[Any] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    image_local: Tensor | None = None
+    text_local: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
@@ -77,6 +82,17 @@ def forward_dual(model: VoLTAModel, batch: EvalBatch, device: torch.device | str
     return model(images, input_ids, attention_mask, fusion=False)
 
 
+def _local_means(model: VoLTAModel, out: VoLTAOutputs, batch: EvalBatch) -> tuple[Tensor, Tensor]:
+    """Means of the L2-normalised GOT token projections (what the GOT cost compares): every patch ``(B, G)``
+    and every word token, special tokens and padding left out ``(B, G)``; float32 on the CPU."""
+    got = model.got_projections(out)
+    image = F.normalize(got.image.float(), dim=-1).mean(1)  # (B, G)
+    specials = batch.special_tokens_mask.to(got.text_mask.device).bool()
+    words = (got.text_mask.bool() & ~specials).unsqueeze(-1)  # (B, T, 1)
+    text = (F.normalize(got.text.float(), dim=-1) * words).sum(1) / words.sum(1).clamp(min=1)  # (B, G)
+    return image.cpu(), text.cpu()
+
+
 def extract_features(
     model: VoLTAModel,
     batches: Iterable[EvalBatch],
@@ -94,6 +110,8 @@ def extract_features(
     text_global: list[Tensor] = []
     image_bt: list[Tensor] = []
     text_bt: list[Tensor] = []
+    image_local: list[Tensor] = []
+    text_local: list[Tensor] = []
     image_ids: list[Tensor] = []
     labels: list[Any] = []
     keys: list[str] = []
@@ -105,6 +123,9 @@ def extract_features(
             text_global.append(out.text_global.float().cpu())  # (B, Dt)
             image_bt.append(bt.image.float().cpu())  # (B, D)
             text_bt.append(bt.text.float().cpu())  # (B, D)
+            local_image, local_text = _local_means(model, out, batch)
+            image_local.append(local_image)  # (B, G)
+            text_local.append(local_text)  # (B, G)
             image_ids.append(batch.image_ids.cpu())  # (B,)
             labels.extend(meta.get("label") for meta in batch.metas)
             keys.extend(batch.keys)
@@ -121,4 +142,6 @@ def extract_features(
         image_ids=torch.cat(image_ids),  # (N,)
         labels=labels,
         keys=keys,
+        image_local=torch.cat(image_local),  # (N, G)
+        text_local=torch.cat(text_local),  # (N, G)
     )

@@ -106,11 +106,19 @@ def retrieval_metrics(
 
 def evaluate_retrieval(features: EvalFeatures, ks: Sequence[int]) -> dict[str, float]:
     """Retrieval metrics of an evaluation set: the Barlow Twins projections (standardised, cosine) as
-    ``i2t_r{k}``/``t2i_r{k}``, and the backbone means as ``global_i2t_r{k}``/``global_t2i_r{k}`` when the
-    two backbones have the same width (otherwise they are not comparable and are left out)."""
+    ``i2t_r{k}``/``t2i_r{k}``; the means of the GOT token projections (standardised, cosine) as
+    ``local_i2t_r{k}``/``local_t2i_r{k}`` when extracted; and the backbone means (raw cosine) as
+    ``global_i2t_r{k}``/``global_t2i_r{k}`` when the two backbones have the same width (otherwise they are not
+    comparable and are left out). No VoLTA loss aligns the two backbones' spaces: the Barlow Twins loss aligns
+    the projector outputs and GOT the token projections, so those are the global features that can retrieve."""
     out = retrieval_metrics(
         features.image_bt, features.text_bt, features.image_ids, ks, standardize_features=True
     )
+    if features.image_local is not None and features.text_local is not None:
+        local = retrieval_metrics(
+            features.image_local, features.text_local, features.image_ids, ks, standardize_features=True
+        )
+        out.update({f"local_{k}": v for k, v in local.items() if not k.startswith("n_")})
     di, dt = features.image_global.shape[1], features.text_global.shape[1]
     if di == dt:
         glob = retrieval_metrics(features.image_global, features.text_global, features.image_ids, ks)

@@ -78,7 +78,8 @@ def run_validation(
     """Validation metrics of ``model`` (the bare :class:`VoLTAModel`, not an engine wrapper) on ``shards``.
 
     Returns flat floats: ``val/i2t_r{k}`` and ``val/t2i_r{k}`` for every K of ``eval.retrieval_ks`` (Barlow
-    Twins projections), ``val/global_i2t_r{k}``/``val/global_t2i_r{k}`` when both backbones have the same width,
+    Twins projections), ``val/local_i2t_r{k}``/``val/local_t2i_r{k}`` (means of the GOT token projections),
+    ``val/global_i2t_r{k}``/``val/global_t2i_r{k}`` when both backbones have the same width,
     ``val/retrieval_n_images``/``val/retrieval_n_texts``, and, when ``eval.grounding`` is on and the shards
     carry boxes, ``val/grounding_acc``, ``val/grounding_random``, ``val/grounding_center``,
     ``val/grounding_n`` and the same per phrase type (``val/grounding_acc/<type>``, ...), and with

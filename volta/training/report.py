@@ -154,11 +154,11 @@ def summary_rows(trained: Mapping[str, Any] | None, untrained: Mapping[str, Any]
     n_images = _get(base, "retrieval", "n_images")
     n_texts = _get(base, "retrieval", "n_texts")
     at = "/".join(str(k) for k in ks)
-    for prefix, features in (("", "projector"), ("global_", "backbone")):
+    for prefix, features in (("", "projector"), ("local_", "GOT token means"), ("global_", "backbone")):
         if prefix and not any(
-            _get(d, "retrieval", f"global_i2t_r{ks[0]}") is not None for d in (trained, untrained)
+            _get(d, "retrieval", f"{prefix}i2t_r{ks[0]}") is not None for d in (trained, untrained)
         ):
-            continue  # no backbone retrieval (the two backbones differ in width)
+            continue  # not measured (backbone: the two backbones differ in width)
         for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
             keys = [f"{prefix}{direction}_r{k}" for k in ks]
             chance = (
