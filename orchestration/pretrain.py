@@ -43,15 +43,18 @@ from volta.training.run import run_dir
 log = logging.getLogger("volta.pretrain")
 
 
-# glibc malloc settings for the workers: with its defaults a CPU worker's resident memory kept growing with the
-# varying tensor shapes of each step (measured on the demo model: 3.0 GB after 10 steps and rising, versus a flat
-# 1.5 GB with these), which ran a 24 GB machine out of memory with two workers. Values from the environment win.
+# glibc malloc settings for the workers. With glibc's defaults a CPU worker's resident memory kept growing with the
+# varying tensor shapes of each step (demo model: 3.0 GB after 10 steps and rising), which ran a 24 GB machine out
+# of memory with two workers. Fixed thresholds of 1 MiB kept it flat but put ~40 % of the CPU time in page faults
+# (every tensor over 1 MiB mapped and unmapped). Fixed 64 MiB thresholds serve tensors from the heap, and the
+# loop's malloc_trim every `train.heap_trim_every` steps returns the freed pages (volta.training.heap): 1.8x the
+# demo's samples/s with bounded memory (docs/benchmarks.md, "Demo time"). Values from the environment win.
 MALLOC_ENV = {
     key: os.environ.get(key, default)
     for key, default in (
         ("MALLOC_ARENA_MAX", "2"),
-        ("MALLOC_MMAP_THRESHOLD_", "1048576"),
-        ("MALLOC_TRIM_THRESHOLD_", "1048576"),
+        ("MALLOC_MMAP_THRESHOLD_", str(64 << 20)),
+        ("MALLOC_TRIM_THRESHOLD_", str(64 << 20)),
     )
 }
 

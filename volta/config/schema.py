@@ -362,6 +362,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     val_every: int | None = Field(None, ge=1)
     max_nonfinite_in_row: int = Field(10, ge=1)
+    # Steps between returning the C heap's free pages to the OS (glibc malloc_trim; null: never): keeps a CPU
+    # worker's memory from growing with heap allocation (volta.training.heap; docs/benchmarks.md "Demo time").
+    heap_trim_every: int | None = Field(8, ge=1)
     # Where the run writes local files (metrics JSON lines, exported weights, pictures).
     output_dir: str = "runs"
 

@@ -25,6 +25,7 @@ from volta.config import VoltaConfig, total_steps
 from volta.dist import Collectives
 from volta.task import VoLTATask, build_task
 from volta.training.engine import Engine
+from volta.training.heap import release_free_heap
 from volta.training.loop import LoopHooks, LoopSettings, LoopState
 from volta.training.metrics import JsonlMetrics, format_progress
 
@@ -174,10 +175,14 @@ class Run:
     ) -> LoopHooks:
         """The loop's hooks: this run's loader, logging and validation around the launcher's reporting."""
 
+        trim_every = self.config.train.heap_trim_every
+
         def on_step(state: LoopState, metrics: dict[str, float]) -> None:
             self.log_step(state, metrics)
             if on_metrics is not None and self.rank == 0:
                 on_metrics(state, metrics)
+            if trim_every is not None and state.step % trim_every == 0:
+                release_free_heap()
 
         return LoopHooks(
             make_loader=make_loader or self.make_loader,
