@@ -47,7 +47,7 @@ log = logging.getLogger("volta.pretrain")
 # varying tensor shapes of each step (demo model: 3.0 GB after 10 steps and rising), which ran a 24 GB machine out
 # of memory with two workers. Fixed thresholds of 1 MiB kept it flat but put ~40 % of the CPU time in page faults
 # (every tensor over 1 MiB mapped and unmapped). Fixed 64 MiB thresholds serve tensors from the heap, and the
-# loop's malloc_trim every `train.heap_trim_every` steps returns the freed pages (volta.training.heap): 1.8x the
+# loop's malloc_trim every `train.heap_trim_every` steps returns the freed pages (volta.training.heap): ~1.5x the
 # demo's samples/s with bounded memory (docs/benchmarks.md, "Demo time"). Values from the environment win.
 MALLOC_ENV = {
     key: os.environ.get(key, default)
