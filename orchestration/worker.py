@@ -210,7 +210,11 @@ def _train(
     import deepspeed
     import ray.train
 
-    from orchestration.deepspeed_engine import DeepSpeedEngineAdapter, build_deepspeed_config
+    from orchestration.deepspeed_engine import (
+        DeepSpeedEngineAdapter,
+        build_deepspeed_config,
+        unlink_cpu_allreduce_buffer,
+    )
 
     # Ray reserved no GPU for this worker unless ray.use_gpu: then the CPU, whatever train.device says.
     device = resolve_device(config.train.device if config.ray.use_gpu else "cpu", ctx.get_local_rank())
@@ -233,6 +237,8 @@ def _train(
         config=build_deepspeed_config(config, world_size=world, on_gpu=on_gpu),
         dist_init_required=False,
     )
+    if not on_gpu:
+        unlink_cpu_allreduce_buffer(rank, world)
     engine: Any = DeepSpeedEngineAdapter(ds_engine, device)
     state = LoopState()
     resumed: str | None = None

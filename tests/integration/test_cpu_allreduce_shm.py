@@ -1,0 +1,91 @@
+"""DeepSpeed's CPU all-reduce buffers leave no file in /dev/shm, and the shared-memory all-reduce still works.
+
+Two real gloo ranks initialise DeepSpeed's communication backend as ``deepspeed.initialize`` does (the CPU
+accelerator builds its shared-memory op and gives each rank a 67 MB buffer in /dev/shm); then
+``unlink_cpu_allreduce_buffer`` runs on both ranks, as the worker does after ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from orchestration.deepspeed_engine import CPU_ALLREDUCE_SHM
+
+SHM = Path("/dev/shm")
+WORLD = 2
+
+
+def _names(port: int) -> list[Path]:
+    return [
+        SHM / CPU_ALLREDUCE_SHM.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank=r)
+        for r in range(WORLD)
+    ]
+
+
+def _worker(rank: int, port: int, unlink: bool, out: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_SIZE=str(WORLD), DS_ACCELERATOR="cpu",
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    from orchestration.deepspeed_engine import unlink_cpu_allreduce_buffer
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        ds_comm.init_distributed(dist_backend="gloo", dist_init_required=False)
+        existed = [p.exists() for p in _names(port)]
+        removed = unlink_cpu_allreduce_buffer(rank, WORLD) if unlink else None
+        dist.barrier()
+        left = [p.exists() for p in _names(port)]
+        x = torch.arange(1000, dtype=torch.float32) * (rank + 1)
+        ds_comm.inference_all_reduce(x)  # through the shared-memory buffers, names gone or not
+        out[rank] = (existed, removed, left, x)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run() -> tuple[int, dict]:
+    port = _free_port()
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(port, True, out), nprocs=WORLD, join=True)
+    return port, dict(out)
+
+
+@pytest.mark.timeout(240)
+def test_buffers_unlinked_and_all_reduce_still_works() -> None:
+    port, out = _run()
+    expected = torch.arange(1000, dtype=torch.float32) * 3  # ranks hold x and 2x
+    for rank in range(WORLD):
+        existed, removed, left, x = out[rank]
+        assert existed == [True, True], "DeepSpeed's CPU op made no shared-memory buffers: nothing was tested"
+        assert removed is True
+        assert left == [False, False]
+        torch.testing.assert_close(x, expected)
+    assert not any(p.exists() for p in _names(port))  # the ranks have exited: nothing left behind
+
+
+@pytest.mark.timeout(240)
+def test_deepspeed_alone_leaves_the_buffers() -> None:
+    """The leak the worker's call prevents: after DeepSpeed's own exit both names are still there."""
+    port = _free_port()
+    out = mp.Manager().dict()
+    try:
+        mp.spawn(_worker, args=(port, False, out), nprocs=WORLD, join=True)
+        assert all(p.exists() for p in _names(port))
+    finally:
+        for p in _names(port):
+            p.unlink(missing_ok=True)
