@@ -4,7 +4,9 @@ targets of "alignment for every word" checked per run.
 Each run is ``volta train`` (the training loop in one process, no Ray) of ``--config`` with the arm's and the
 seed's overrides on one dataset folder (``<dir>/train``, ``<dir>/val``, ``<dir>/tokenizer``, as ``volta data
 synth`` writes them), ``--jobs`` at a time with one thread each. A run whose ``metrics.jsonl`` already ends with
-validation metrics at its last step is read back, not retrained, so a study can be extended or resumed. Prints a
+validation metrics at its last step is read back, not retrained, so a study can be extended or resumed; one whose
+saved config differs from what the study would train now (the config, the arm's overrides or ``--set`` changed
+under the same run name) stops the study before any training, naming the settings. Prints a
 Markdown table (one row per arm x dataset x seed) and the targets each run misses, and writes ``study.json``::
 
     .venv/bin/python -m bench.alignment --dataset shapes=data/synth --dataset scenes=data/scenes \\
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from volta.config import load_config
 from volta.training.metrics import read_jsonl
 from volta.training.report import retrieval_chance
 
@@ -51,8 +56,9 @@ class Run:
     def name(self) -> str:
         return f"{self.arm}-{self.dataset}-s{self.seed}"
 
-    def command(self, config: str, out_dir: Path, extra: Sequence[str]) -> list[str]:
-        sets = [
+    def sets(self, out_dir: Path, extra: Sequence[str]) -> list[str]:
+        """The run's ``--set`` overrides of the study's config."""
+        return [
             f"train.output_dir={out_dir}",
             f"ray.run_name={self.name}",
             f"train.seed={self.seed}",
@@ -62,8 +68,30 @@ class Run:
             *extra,
             *self.overrides,
         ]
+
+    def command(self, config: str, out_dir: Path, extra: Sequence[str]) -> list[str]:
         cli = [sys.executable, "-m", "volta.cli", "train", "--config", config]
-        return cli + [arg for item in sets for arg in ("--set", item)]
+        return cli + [arg for item in self.sets(out_dir, extra) for arg in ("--set", item)]
+
+    def changed_settings(self, config: str, out_dir: Path, extra: Sequence[str]) -> list[str]:
+        """The settings (dotted keys) in which the finished run's saved config differs from what this study
+        would train now; [] when they agree or the run saved none."""
+        saved = out_dir / self.name / "final" / "config.yaml"
+        if not saved.exists():
+            return []
+        want = _flat(load_config(config, self.sets(out_dir, extra)).model_dump(mode="json"))
+        have = _flat(yaml.safe_load(saved.read_text()) or {})
+        return sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def parse_arm(text: str) -> tuple[str, tuple[str, ...]]:
@@ -211,6 +239,14 @@ def study(
     """Train what is missing, then return one result per run (arm, dataset, seed, metrics, misses)."""
     runs = [Run(a, o, s, d, p) for d, p in datasets for s in seeds for a, o in arms]
     todo = [r for r in runs if final_validation(out_dir / r.name / "metrics.jsonl") is None]
+    stale = {r.name: r.changed_settings(config, out_dir, extra) for r in runs if r not in todo}
+    stale = {name: keys for name, keys in stale.items() if keys}
+    if stale:
+        detail = "; ".join(f"{name}: {', '.join(keys[:5])}" for name, keys in stale.items())
+        raise ValueError(
+            f"finished runs in {out_dir} were trained with other settings ({detail}): "
+            "pass a new --out or new arm names"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     _launch(todo, config, out_dir, extra, jobs)
     final = {r.name: final_validation(out_dir / r.name / "metrics.jsonl") for r in runs}
@@ -253,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.alignment: {err}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    results = study(
-        args.config, arms, datasets, args.seeds, out, extra=args.overrides, jobs=max(1, args.jobs)
-    )
+    try:
+        results = study(
+            args.config, arms, datasets, args.seeds, out, extra=args.overrides, jobs=max(1, args.jobs)
+        )
+    except ValueError as err:
+        print(f"bench.alignment: {err}", file=sys.stderr)
+        return 2
     (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for r in results:

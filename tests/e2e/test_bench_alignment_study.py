@@ -42,6 +42,13 @@ def test_study_trains_each_arm_then_reuses_finished_runs(
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-s3.log")} == logs
     assert len(json.loads((out / "study.json").read_text())) == 4
 
+    # The same run names with another setting: refused before any training, naming the setting.
+    capsys.readouterr()
+    assert main([*args, "--set", "loss.got.contrastive.weight=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe-shapes-s3: loss.got.contrastive.weight" in err and "--out" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-s3.log")} == logs
+
 
 def test_bad_arm_or_dataset_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
