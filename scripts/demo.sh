@@ -141,11 +141,18 @@ client.create_experiment(sys.argv[2], artifact_location=Path(sys.argv[1], "artif
   bash -c "cd '$ROOT' && '$BIN/python' orchestration/pretrain.py --config '$RECIPE' $OVERRIDES" 2>&1 | quiet
 
 say "evaluating the untrained and the trained model on the validation split"
-run_logged "$RUN/eval-untrained.log" "$BIN/volta" eval all --checkpoint "$RUN/final" --random-init \
-  >"$RUN/eval-untrained.json"
-run_logged "$RUN/eval-trained.log" "$BIN/volta" eval all --checkpoint "$RUN/final" >"$RUN/eval-trained.json"
-run_logged "$RUN/visualize.log" "$BIN/volta" visualize --checkpoint "$RUN/final" --shards "$DATA/val" --num 4 \
-  --out "$RUN/heatmaps-final" >/dev/null
+# The three side by side with one thread each: their start-up (imports, model build) is one-threaded Python,
+# so two-thread runs one after the other leave a core idle for a good part of the time.
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/eval-untrained.log" "$BIN/volta" eval all \
+  --checkpoint "$RUN/final" --random-init >"$RUN/eval-untrained.json" &
+untrained_pid=$!
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/visualize.log" "$BIN/volta" visualize \
+  --checkpoint "$RUN/final" --shards "$DATA/val" --num 4 --out "$RUN/heatmaps-final" >/dev/null &
+visualize_pid=$!
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/eval-trained.log" "$BIN/volta" eval all \
+  --checkpoint "$RUN/final" >"$RUN/eval-trained.json"
+wait "$untrained_pid"
+wait "$visualize_pid"
 
 say "summary"
 summary "$RUN"
