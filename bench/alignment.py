@@ -194,6 +194,38 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def means_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of the means over seeds per arm and dataset (word classes as mean accuracy with mean
+    accuracy / mean random baseline), and how many seeds met every target."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["dataset"]), []).append(r)
+    head = ["arm", "dataset", "seeds", "phrase", *(f"{c} (x rnd)" for c in WORD_CLASSES), "ITM",
+            "proj R@10", "GOT-mean R@10", "seeds meeting every target"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for (arm, dataset), runs in groups.items():
+
+        def mean(key: str, runs: Sequence[Mapping[str, Any]] = runs) -> float | None:
+            values = [r["metrics"][key] for r in runs if key in r["metrics"]]
+            return sum(values) / len(values) if len(values) == len(runs) else None
+
+        def cls(c: str) -> str:
+            acc, rnd = mean(f"val/grounding_word_acc/{c}"), mean(f"val/grounding_word_random/{c}")
+            return "-" if acc is None or not rnd else f"{acc:.3f} ({acc / rnd:.1f})"
+
+        def r10(prefix: str) -> str:
+            a, b = mean(f"val/{prefix}i2t_r10"), mean(f"val/{prefix}t2i_r10")
+            return "-" if a is None or b is None else f"{a:.3f}/{b:.3f}"
+
+        phrase, itm = mean("val/grounding_acc"), mean("val/itm_acc")
+        met = sum(1 for r in runs if not r["misses"])
+        row = [arm, dataset, str(len(runs)), "-" if phrase is None else f"{phrase:.3f}",
+               *(cls(c) for c in WORD_CLASSES), "-" if itm is None else f"{itm:.3f}",
+               r10(""), r10("local_"), f"{met}/{len(runs)}"]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _launch(runs: Sequence[Run], config: str, out_dir: Path, extra: Sequence[str], jobs: int) -> None:
     """Train ``runs`` with at most ``jobs`` at once, one thread each; a failed run stops the study."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -298,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    print()
+    print(means_table(results))
     for r in results:
         for miss in r["misses"]:
             print(f"{r['arm']} {r['dataset']} seed {r['seed']}: {miss}")

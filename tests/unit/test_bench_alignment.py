@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.alignment import final_validation, misses, parse_arm, table
+from bench.alignment import final_validation, means_table, misses, parse_arm, table
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +86,19 @@ def test_table_has_one_row_per_run_with_ratios() -> None:
     assert len(lines) == 4 and lines[0].startswith("| arm | dataset | seed | phrase")
     assert "| recipe | shapes | 0 | 0.800 | 0.500 (6.2) | 0.200 (2.5) | 0.100 (0.7) | 0.800 |" in lines[2]
     assert lines[3].endswith("| - | 1 |")  # no backbone retrieval measured; one target missed
+
+
+def test_means_table_averages_seeds_per_arm_and_dataset() -> None:
+    other = {**GOOD, "val/grounding_acc": 0.6, "val/grounding_word_acc/object": 0.1, "val/itm_acc": 0.6}
+    results = [
+        {"arm": "recipe", "dataset": "shapes", "seed": 0, "metrics": GOOD, "misses": []},
+        {"arm": "recipe", "dataset": "shapes", "seed": 1, "metrics": other, "misses": ["ITM"]},
+        {"arm": "got_off", "dataset": "shapes", "seed": 0, "metrics": GOT_OFF, "misses": []},
+    ]
+    lines = means_table(results).splitlines()
+    assert len(lines) == 4
+    # phrase (0.8 + 0.6) / 2; object words (0.2 + 0.1) / 2 = 0.15 against random 0.08; ITM (0.8 + 0.6) / 2
+    assert lines[2].startswith(
+        "| recipe | shapes | 2 | 0.700 | 0.500 (6.2) | 0.150 (1.9) | 0.100 (0.7) | 0.700 |"
+    )
+    assert lines[2].endswith("| 1/2 |") and lines[3].startswith("| got_off | shapes | 1 |")
