@@ -89,8 +89,9 @@ fi
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Token authentication on, explicitly: the head creates or reuses ~/.ray/auth_token and `ray job` clients send it.
 export RAY_AUTH_MODE=token
-# The head is stopped with SIGTERM at the end; Ray 2.60 then first "drains" the node for up to 30 s (a wait meant
-# for Serve replicas; the job has finished by then). Measured: the demo's last 33 s were this wait.
+# The head is stopped with SIGTERM at the end; Ray 2.60 then first "drains" the node for up to 30 s (on a cluster
+# that drain is the preemption notice a Train worker checkpoints on, and the k8s pods keep it; here the job has
+# finished, there is nothing to save). Measured: the demo's last 33 s were this wait.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 start=$(date +%s)
 say() { printf '\n== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }

@@ -13,8 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# A `ray start --block` head stopped with SIGTERM first drains its node for up to 30 s (Ray 2.60; for Serve
-# replicas): nothing of ours needs it, and each test head would spend the 30 s at teardown.
+# A `ray start --block` head stopped with SIGTERM first drains its node for up to 30 s (Ray 2.60): on a cluster the
+# preemption notice of Train workers (the k8s pods keep it); the tests stop their heads only after their jobs, and
+# each head would spend the 30 s at teardown.
 os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
