@@ -169,6 +169,14 @@ def misses(metrics: Mapping[str, float], reference: Mapping[str, float] | None) 
     return out
 
 
+def _class_cell(acc: float | None, rnd: float | None) -> str:
+    return "-" if acc is None or not rnd else f"{acc:.3f} ({acc / rnd:.1f})"
+
+
+def _pair_cell(i2t: float | None, t2i: float | None) -> str:
+    return "-" if i2t is None or t2i is None else f"{i2t:.3f}/{t2i:.3f}"
+
+
 def table(results: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table: arm, dataset, seed -> phrase, word pointing per class (x random), ITM, R@10 (projector,
     GOT means, backbone; i2t/t2i), targets missed."""
@@ -179,12 +187,10 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
         m = r["metrics"]
 
         def cls(c: str, m: Mapping[str, float] = m) -> str:
-            acc, rnd = m.get(f"val/grounding_word_acc/{c}"), m.get(f"val/grounding_word_random/{c}")
-            return "-" if acc is None or not rnd else f"{acc:.3f} ({acc / rnd:.1f})"
+            return _class_cell(m.get(f"val/grounding_word_acc/{c}"), m.get(f"val/grounding_word_random/{c}"))
 
         def r10(prefix: str, m: Mapping[str, float] = m) -> str:
-            a, b = m.get(f"val/{prefix}i2t_r10"), m.get(f"val/{prefix}t2i_r10")
-            return "-" if a is None or b is None else f"{a:.3f}/{b:.3f}"
+            return _pair_cell(m.get(f"val/{prefix}i2t_r10"), m.get(f"val/{prefix}t2i_r10"))
 
         itm = m.get("val/itm_acc")
         row = [r["arm"], r["dataset"], str(r["seed"]), f"{m['val/grounding_acc']:.3f}",
@@ -210,12 +216,10 @@ def means_table(results: Sequence[Mapping[str, Any]]) -> str:
             return sum(values) / len(values) if len(values) == len(runs) else None
 
         def cls(c: str) -> str:
-            acc, rnd = mean(f"val/grounding_word_acc/{c}"), mean(f"val/grounding_word_random/{c}")
-            return "-" if acc is None or not rnd else f"{acc:.3f} ({acc / rnd:.1f})"
+            return _class_cell(mean(f"val/grounding_word_acc/{c}"), mean(f"val/grounding_word_random/{c}"))
 
         def r10(prefix: str) -> str:
-            a, b = mean(f"val/{prefix}i2t_r10"), mean(f"val/{prefix}t2i_r10")
-            return "-" if a is None or b is None else f"{a:.3f}/{b:.3f}"
+            return _pair_cell(mean(f"val/{prefix}i2t_r10"), mean(f"val/{prefix}t2i_r10"))
 
         phrase, itm = mean("val/grounding_acc"), mean("val/itm_acc")
         met = sum(1 for r in runs if not r["misses"])

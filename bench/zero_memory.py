@@ -100,10 +100,8 @@ def _rank_main(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import deepspeed
-
         from bench.workload import random_batch
-        from orchestration.deepspeed_engine import build_deepspeed_config
+        from orchestration.deepspeed_engine import build_deepspeed_config, initialize_deepspeed
         from volta.config import load_config
         from volta.dist import differentiable_all_reduce_sum
         from volta.task import build_task
@@ -120,8 +118,8 @@ def _rank_main(
             sharded=config.train.zero_stage > 0,
         )
         ds_config = build_deepspeed_config(config, world_size=world, on_gpu=False)
-        engine, _, _, _ = deepspeed.initialize(
-            model=task, optimizer=optimizer, config=ds_config, dist_init_required=False
+        engine = initialize_deepspeed(
+            rank=rank, world_size=world, on_gpu=False, model=task, optimizer=optimizer, config=ds_config
         )
         wrapper = engine.optimizer
         buckets = {"peak": 0}

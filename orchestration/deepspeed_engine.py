@@ -117,6 +117,17 @@ class DeepSpeedEngineAdapter:
 CPU_ALLREDUCE_SHM = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
+def initialize_deepspeed(*, rank: int, world_size: int, on_gpu: bool, **kwargs: Any) -> Any:
+    """``deepspeed.initialize(dist_init_required=False, **kwargs)``'s engine; on CPU every rank then removes its
+    shared-memory buffer's name (:func:`unlink_cpu_allreduce_buffer`, collective)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(dist_init_required=False, **kwargs)
+    if not on_gpu:
+        unlink_cpu_allreduce_buffer(rank, world_size)
+    return engine
+
+
 def unlink_cpu_allreduce_buffer(rank: int, world_size: int, shm_dir: Path = Path("/dev/shm")) -> bool:
     """Remove the name of this rank's DeepSpeed CPU all-reduce buffer; True when there was one.
 

@@ -207,13 +207,12 @@ class _Progress:
 def _train(
     config: Any, storage: RunStorage, rank: int, world: int, ctx: Any, progress: _Progress, tracker_cls: Any
 ) -> None:
-    import deepspeed
     import ray.train
 
     from orchestration.deepspeed_engine import (
         DeepSpeedEngineAdapter,
         build_deepspeed_config,
-        unlink_cpu_allreduce_buffer,
+        initialize_deepspeed,
     )
 
     # Ray reserved no GPU for this worker unless ray.use_gpu: then the CPU, whatever train.device says.
@@ -230,15 +229,15 @@ def _train(
         collectives=Collectives.for_world(world),
         load_pretrained=not candidates,
     )
-    ds_engine, _, _, _ = deepspeed.initialize(
+    ds_engine = initialize_deepspeed(
+        rank=rank,
+        world_size=world,
+        on_gpu=on_gpu,
         model=run.task,
         optimizer=run.optimizer,
         lr_scheduler=run.scheduler,
         config=build_deepspeed_config(config, world_size=world, on_gpu=on_gpu),
-        dist_init_required=False,
     )
-    if not on_gpu:
-        unlink_cpu_allreduce_buffer(rank, world)
     engine: Any = DeepSpeedEngineAdapter(ds_engine, device)
     state = LoopState()
     resumed: str | None = None

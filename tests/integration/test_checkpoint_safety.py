@@ -58,7 +58,11 @@ def _shard(precision: str, rank: int) -> str:
 def _engine(config: Any, seed: int) -> Any:
     import deepspeed
 
-    from orchestration.deepspeed_engine import DeepSpeedEngineAdapter, build_deepspeed_config
+    from orchestration.deepspeed_engine import (
+        DeepSpeedEngineAdapter,
+        build_deepspeed_config,
+        initialize_deepspeed,
+    )
     from tests.fixtures_task import VOCAB
     from volta.dist import differentiable_all_reduce_sum
     from volta.task import build_task
@@ -70,12 +74,14 @@ def _engine(config: Any, seed: int) -> Any:
         task, config.optim, global_batch_size=config.train.global_batch_size, sharded=True
     )
     scheduler = build_scheduler(optimizer, config.optim, total_steps=4, steps_per_epoch=4)
-    ds_engine, _, _, _ = deepspeed.initialize(
+    ds_engine = initialize_deepspeed(
+        rank=torch.distributed.get_rank(),
+        world_size=2,
+        on_gpu=False,
         model=task,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=build_deepspeed_config(config, world_size=2, on_gpu=False),
-        dist_init_required=False,
     )
     return DeepSpeedEngineAdapter(ds_engine, torch.device("cpu"))
 

@@ -8,7 +8,6 @@ accelerator builds its shared-memory op and gives each rank a 67 MB buffer in /d
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from orchestration.deepspeed_engine import CPU_ALLREDUCE_SHM
+from tests.fixtures_tracking import free_port
 
 SHM = Path("/dev/shm")
 WORLD = 2
@@ -52,22 +52,16 @@ def _worker(rank: int, port: int, unlink: bool, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _run() -> tuple[int, dict]:
-    port = _free_port()
+def _run(port: int, *, unlink: bool) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, True, out), nprocs=WORLD, join=True)
-    return port, dict(out)
+    mp.spawn(_worker, args=(port, unlink, out), nprocs=WORLD, join=True)
+    return dict(out)
 
 
 @pytest.mark.timeout(240)
 def test_buffers_unlinked_and_all_reduce_still_works() -> None:
-    port, out = _run()
+    port = free_port()
+    out = _run(port, unlink=True)
     expected = torch.arange(1000, dtype=torch.float32) * 3  # ranks hold x and 2x
     for rank in range(WORLD):
         existed, removed, left, x = out[rank]
@@ -81,10 +75,9 @@ def test_buffers_unlinked_and_all_reduce_still_works() -> None:
 @pytest.mark.timeout(240)
 def test_deepspeed_alone_leaves_the_buffers() -> None:
     """The leak the worker's call prevents: after DeepSpeed's own exit both names are still there."""
-    port = _free_port()
-    out = mp.Manager().dict()
+    port = free_port()
     try:
-        mp.spawn(_worker, args=(port, False, out), nprocs=WORLD, join=True)
+        _run(port, unlink=False)
         assert all(p.exists() for p in _names(port))
     finally:
         for p in _names(port):
