@@ -169,8 +169,11 @@ def misses(metrics: Mapping[str, float], reference: Mapping[str, float] | None) 
     return out
 
 
-def _class_cell(acc: float | None, rnd: float | None) -> str:
-    return "-" if acc is None or not rnd else f"{acc:.3f} ({acc / rnd:.1f})"
+def _class_cell(acc: float | None, rnd: float | None, other: float | None = None) -> str:
+    # "hit rate (x random)", then the rate of misses on another named object when the run measured it
+    if acc is None or not rnd:
+        return "-"
+    return f"{acc:.3f} ({acc / rnd:.1f})" + ("" if other is None else f" o {other:.3f}")
 
 
 def _pair_cell(i2t: float | None, t2i: float | None) -> str:
@@ -178,8 +181,9 @@ def _pair_cell(i2t: float | None, t2i: float | None) -> str:
 
 
 def table(results: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table: arm, dataset, seed -> phrase, word pointing per class (x random), ITM, R@10 (projector,
-    GOT means, backbone; i2t/t2i), targets missed."""
+    """Markdown table: arm, dataset, seed -> phrase, word pointing per class (x random; "o": the share of words
+    pointed at another object the caption names, where measured), ITM, R@10 (projector, GOT means, backbone;
+    i2t/t2i), targets missed."""
     head = ["arm", "dataset", "seed", "phrase", *(f"{c} (x rnd)" for c in WORD_CLASSES), "ITM",
             "proj R@10", "GOT-mean R@10", "backbone R@10", "targets missed"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -187,7 +191,11 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
         m = r["metrics"]
 
         def cls(c: str, m: Mapping[str, float] = m) -> str:
-            return _class_cell(m.get(f"val/grounding_word_acc/{c}"), m.get(f"val/grounding_word_random/{c}"))
+            return _class_cell(
+                m.get(f"val/grounding_word_acc/{c}"),
+                m.get(f"val/grounding_word_random/{c}"),
+                m.get(f"val/grounding_word_other/{c}"),
+            )
 
         def r10(prefix: str, m: Mapping[str, float] = m) -> str:
             return _pair_cell(m.get(f"val/{prefix}i2t_r10"), m.get(f"val/{prefix}t2i_r10"))
@@ -216,7 +224,11 @@ def means_table(results: Sequence[Mapping[str, Any]]) -> str:
             return sum(values) / len(values) if len(values) == len(runs) else None
 
         def cls(c: str) -> str:
-            return _class_cell(mean(f"val/grounding_word_acc/{c}"), mean(f"val/grounding_word_random/{c}"))
+            return _class_cell(
+                mean(f"val/grounding_word_acc/{c}"),
+                mean(f"val/grounding_word_random/{c}"),
+                mean(f"val/grounding_word_other/{c}"),
+            )
 
         def r10(prefix: str) -> str:
             return _pair_cell(mean(f"val/{prefix}i2t_r10"), mean(f"val/{prefix}t2i_r10"))

@@ -185,7 +185,7 @@ class VoLTATask(nn.Module):
                     g.text,
                     g.image_mask,
                     text_mask,
-                    **c.contrastive.kwargs(c.ipot_beta, c.image_marginal_kl),
+                    **c.contrastive.kwargs(c.ipot_beta, c.image_marginal_kl, c.image_salience),
                 )
                 nce = nce + contrast["loss"]
                 nce_acc.append(contrast["acc"])

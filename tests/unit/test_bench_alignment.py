@@ -102,3 +102,17 @@ def test_means_table_averages_seeds_per_arm_and_dataset() -> None:
         "| recipe | shapes | 2 | 0.700 | 0.500 (6.2) | 0.150 (1.9) | 0.100 (0.7) | 0.700 |"
     )
     assert lines[2].endswith("| 1/2 |") and lines[3].startswith("| got_off | shapes | 1 |")
+
+
+def test_class_cells_show_the_other_object_rate_where_measured() -> None:
+    measured = {**GOOD, "val/grounding_word_other/object": 0.30}
+    results = [
+        {"arm": "a", "dataset": "shapes", "seed": 0, "metrics": measured, "misses": []},
+        {"arm": "a", "dataset": "shapes", "seed": 1, "metrics": {**measured, "val/grounding_word_other/object": 0.1},
+         "misses": []},
+    ]  # fmt: skip
+    assert "| 0.200 (2.5) o 0.300 |" in table(results).splitlines()[2]
+    assert "| 0.200 (2.5) o 0.200 |" in means_table(results).splitlines()[2]  # (0.3 + 0.1) / 2
+    # one seed without the figure (a run from before it existed): the mean leaves it out rather than guess
+    results[1]["metrics"] = GOOD
+    assert "| 0.200 (2.5) |" in means_table(results).splitlines()[2]

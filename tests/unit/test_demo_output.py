@@ -39,14 +39,15 @@ TRAINED = {
         "acc": 0.6, "random": 0.2, "center": 0.3, "n": 50.0,
         "word_acc": 0.5, "word_random": 0.2, "word_center": 0.3, "word_n": 90.0,
         "word_acc/attribute": 0.45, "word_random/attribute": 0.19, "word_center/attribute": 0.28,
-        "word_acc/object": 0.7, "word_random/object": 0.21, "word_center/object": 0.31,
+        "word_acc/object": 0.7, "word_random/object": 0.21, "word_center/object": 0.31, "word_other/object": 0.1,
         "word_acc/relation": 0.3, "word_random/relation": 0.4, "word_center/relation": 0.35,
     },
     "probe": {"acc": 0.8, "random_init_acc": 0.4},
 }  # fmt: skip
 UNTRAINED = {
     "retrieval": {"i2t_r1": 0.01, "i2t_r5": 0.05, "i2t_r10": 0.1, "t2i_r1": 0.02, "t2i_r5": 0.06, "t2i_r10": 0.1},
-    "grounding": {"acc": 0.21, "random": 0.2, "center": 0.3, "word_acc": 0.2, "word_acc/object": 0.22},
+    "grounding": {"acc": 0.21, "random": 0.2, "center": 0.3, "word_acc": 0.2, "word_acc/object": 0.22,
+                  "word_other/object": 0.19},
     "probe": None,
 }  # fmt: skip
 
@@ -62,6 +63,9 @@ def test_table_rows_values_and_baselines() -> None:
     assert rows["word pointing, object"] == ("0.700", "0.220", "0.210", "0.310")
     assert rows["word pointing, attribute"][:2] == ("0.450", NOT_MEASURED)  # the untrained eval lacks it
     assert rows["word pointing, relation"] == ("0.300", NOT_MEASURED, "0.400", "0.350")
+    # the share pointed at another named object, where the trained eval measured it (not for attribute here)
+    assert rows["  ... object words on another named object"] == ("0.100", "0.190", "-", "-")
+    assert not any("attribute words on another" in name for name in rows)
     # One caption per image among 100: a random ranking finds it in the top K with probability K/100.
     assert rows["retrieval image->text R@1/5/10 (projector)"] == (
         "0.250 / 0.500 / 0.750", "0.010 / 0.050 / 0.100", "0.010 / 0.050 / 0.100", "-"

@@ -158,6 +158,31 @@ def test_ground_batch_on_a_constructed_plan(monkeypatch: pytest.MonkeyPatch) -> 
     assert words["star"]["acc"] == 1.0 and words["star"]["n"] == 2 and words["blue"]["acc"] == 0.0
 
 
+def test_a_miss_on_another_named_object_counts_as_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = torch.zeros(1, 4, 10)
+    plan[0, 0, 2:4] = 0.1  # "red circle" on its own box (patch 0): hit
+    plan[0, 0, 6] = 0.2  # "blue" on patch 0, the red circle's box: a miss on another named object
+    plan[0, 2, 7] = (
+        0.3  # "star" on patch 2, inside no named box ("green square" is not in the caption): a plain miss
+    )
+    monkeypatch.setattr(grounding, "transport_plans", lambda *args: plan)
+    outputs = VoLTAOutputs(
+        torch.zeros(1, 4, 2), torch.zeros(1, 10, 2), torch.ones(1, 10, dtype=torch.bool), False
+    )
+    results = ground_batch(None, _batch(), outputs, GOTLossConfig())  # type: ignore[arg-type]
+    got = {(r.phrase, r.word): (r.hit, r.other) for r in results}
+    assert got[("red circle", None)] == (True, False) and got[("red circle", "red")] == (True, False)
+    assert got[("blue star", "blue")] == (False, True)
+    assert got[("blue star", "star")] == (False, False) and got[("star", None)] == (False, False)
+    # "blue star" together peaks on patch 2 (0.3 + 0 > 0.2): a plain miss
+    assert got[("blue star", None)] == (False, False)
+    tally = GroundingTally()
+    tally.add(results)
+    summary = tally.summary()
+    assert summary["word_other"] == pytest.approx(1 / 5) and summary["other"] == 0.0
+    assert tally.words()["blue"]["other"] == 1.0
+
+
 def test_special_tokens_get_mass_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, torch.Tensor] = {}
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
 
 from bench.got import SETTINGS, baseline_got
-from volta.losses.got import _CosineSimilarities, cosine_cost, got_contrastive_loss, got_loss, prune_cost
+from volta.losses.got import (
+    _CosineSimilarities,
+    cosine_cost,
+    got_contrastive_loss,
+    got_loss,
+    prune_cost,
+    salience_marginal,
+)
 
 
 def _batch(
@@ -264,3 +272,71 @@ def test_relaxed_image_marginal_lets_two_words_share_one_small_object() -> None:
     alone = got_loss(image[None], text[None], *masks, **settings, image_marginal_kl=0.05)
     torch.testing.assert_close(padded["wd"], alone["wd"], rtol=1e-10, atol=0)
     torch.testing.assert_close(padded["plan"][0, :16], alone["plan"][0], rtol=1e-9, atol=1e-12)
+
+
+def _naive_salience(x: torch.Tensor, valid: int, temperature: float) -> torch.Tensor:
+    # one image, a loop over its first ``valid`` patches: the definition written out with plain Python numbers
+    rows = [x[j] / x[j].norm() for j in range(valid)]
+    mean = sum(rows) / valid
+    mean = mean / mean.norm()
+    sal = [1.0 - float(r @ mean) for r in rows]
+    mu = sum(sal) / valid
+    sd = (sum((s - mu) ** 2 for s in sal) / valid) ** 0.5
+    e = [math.exp((s - mu) / sd / temperature) for s in sal]
+    return torch.tensor([v / sum(e) for v in e] + [0.0] * (x.shape[0] - valid), dtype=torch.float64)
+
+
+def test_salience_marginal_matches_a_plain_loop_and_ignores_padding() -> None:
+    image, _, image_mask, _ = _batch(torch.float64)
+    image[~image_mask] = 1e6  # garbage under padding
+    for temperature in (0.5, 2.0):
+        got = salience_marginal(image, image_mask, temperature=temperature)
+        for i in range(image.shape[0]):
+            order = torch.argsort((~image_mask[i]).to(torch.uint8), stable=True)  # valid first
+            want = _naive_salience(image[i, order], int(image_mask[i].sum()), temperature)
+            torch.testing.assert_close(got[i, order], want, rtol=1e-9, atol=1e-12)
+    assert (got[~image_mask] == 0).all()
+    torch.testing.assert_close(got.sum(1), torch.ones(image.shape[0], dtype=torch.float64))
+
+
+def test_salience_marginal_edge_cases() -> None:
+    same = torch.ones(2, 5, 3)  # every patch alike: uniform
+    torch.testing.assert_close(
+        salience_marginal(same, torch.ones(2, 5, dtype=torch.bool), temperature=1.0), torch.full((2, 5), 0.2)
+    )
+    empty = salience_marginal(torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.bool), temperature=1.0)
+    assert (empty == 0).all()
+    x = torch.randn(1, 6, 4, requires_grad=True)
+    assert not salience_marginal(x, torch.ones(1, 6, dtype=torch.bool), temperature=1.0).requires_grad
+    with pytest.raises(ValueError, match="temperature"):
+        salience_marginal(x, torch.ones(1, 6, dtype=torch.bool), temperature=0.0)
+
+
+def test_salience_marginal_moves_the_words_mass_onto_the_object() -> None:
+    # 2 object patches of 16 and a caption of two object words: with the uniform patch marginal at most 2/16 of
+    # the words' mass can be on the object; with the salience marginal most of it is, in both the WD plan and
+    # the contrast (whose plan is not returned: its WD falls because the words' mass goes to the near patches)
+    gen = torch.Generator().manual_seed(3)
+    obj, bg = torch.randn(2, 32, generator=gen, dtype=torch.float64)
+    image = torch.stack([obj] * 2 + [bg] * 14) + 0.05 * torch.randn(
+        16, 32, generator=gen, dtype=torch.float64
+    )
+    text = torch.stack([obj + 0.3 * bg, obj - 0.3 * bg])
+    masks = torch.ones(1, 16, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    settings = SETTINGS | {"prune_fraction": 0.0}
+    uniform = got_loss(image[None], text[None], *masks, **settings)
+    salient = got_loss(image[None], text[None], *masks, **settings, image_salience=1.0)
+    a = salience_marginal(image[None], masks[0], temperature=1.0)[0]
+    assert a[:2].sum() > 0.7  # the object's two patches hold most of the patch mass
+    torch.testing.assert_close(
+        salient["plan"][0].sum(1), a, rtol=1e-4, atol=1e-6
+    )  # the plan's patch marginal
+    assert uniform["plan"][0, :2].sum() <= 2 / 16 + 1e-6
+    assert salient["plan"][0, :2].sum() > 0.7
+    assert salient["wd"] < uniform["wd"]
+    pair = torch.stack([image, image.flip(0)])[:, :, :], torch.stack([text, text])
+    two = (torch.ones(2, 16, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool))
+    kw = {"temperature": 0.05, "ipot_beta": 0.5, "ipot_iters": 30}
+    plain = got_contrastive_loss(*pair, *two, **kw)
+    sal = got_contrastive_loss(*pair, *two, **kw, image_salience=1.0)
+    assert (sal["wd"].diagonal() < plain["wd"].diagonal()).all()

@@ -181,13 +181,16 @@ class GOTContrastConfig(_Section):
     temperature: float = Field(0.05, gt=0.0)
     ipot_iters: int = Field(1, ge=1)
 
-    def kwargs(self, ipot_beta: float, image_marginal_kl: float | None = None) -> dict[str, Any]:
+    def kwargs(
+        self, ipot_beta: float, image_marginal_kl: float | None = None, image_salience: float | None = None
+    ) -> dict[str, Any]:
         """Keyword arguments of :func:`volta.losses.got.got_contrastive_loss` (the IPOT step and marginals are GOT's)."""
         return {
             "temperature": self.temperature,
             "ipot_beta": ipot_beta,
             "ipot_iters": self.ipot_iters,
             "image_marginal_kl": image_marginal_kl,
+            "image_salience": image_salience,
         }
 
 
@@ -211,6 +214,9 @@ class GOTLossConfig(_Section):
     # Not in the paper (null = balanced WD plan, the paper's): the KL weight of a relaxed patch marginal, so words
     # naming one object can all put their mass on its patches (volta.losses.got.got_loss; docs/losses.md).
     image_marginal_kl: float | None = Field(None, ge=0.0)
+    # Not in the paper (null = uniform patch marginal, the paper's): the temperature of a salience patch marginal,
+    # most mass on the patches unlike the rest of their image (volta.losses.got.salience_marginal; docs/losses.md).
+    image_salience: float | None = Field(None, gt=0.0)
     include_special_tokens: bool = False
     contrastive: GOTContrastConfig = Field(default_factory=GOTContrastConfig)
 

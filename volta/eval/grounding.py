@@ -7,7 +7,10 @@ the GOT plan between the image patches and the caption tokens is computed exactl
 per patch; the phrase is a *hit* when the centre of the patch with the most mass, mapped back to the stored image,
 lies inside one of the phrase's boxes (boxes sharing a phrase are one target). Two baselines are reported: the
 expected hit rate of a uniformly random patch (the fraction of patch centres inside the target) and the centre
-patch (row ``h // 2``, column ``w // 2`` of the grid). Each word of a phrase is also pointed alone at the
+patch (row ``h // 2``, column ``w // 2`` of the grid). A miss whose patch lies inside the box of another
+phrase of the same caption counts as *other* (the model found an object the caption names, but not this one): a
+word that picks the right one of the named objects has a high hit rate and a low other rate, one that only finds
+some named object has the two about equal. Each word of a phrase is also pointed alone at the
 phrase's boxes (``word_*`` and :meth:`GroundingTally.words`): a two-word phrase can be a hit on one word's mass.
 
 When the JSON also holds ``word_classes`` (lower-case caption word -> "attribute", "object", "relation", ...; the
@@ -282,6 +285,8 @@ class PhraseResult:
     word_class: str | None = None
     # a classed word outside every phrase, pointed at its phrases' boxes (counted only per class)
     unboxed: bool = False
+    # a miss on the box of another phrase of the same caption
+    other: bool = False
 
 
 def ground_batch(
@@ -317,29 +322,59 @@ def ground_batch(
         classes = word_classes(batch.metas[i])
         point = partial(_point_spans, plans[r], batch.offsets[i], valid, centers, center)
         for target in targets[i]:
+            others = _other_boxes(targets[i], target.boxes)
             # the whole phrase (word None), then each of its words alone, against the phrase's boxes
             for word, spans in [(None, list(target.spans)), *word_spans(batch.captions[i], target.spans)]:
-                scored = point(spans, target.boxes)
+                scored = point(spans, target.boxes, others)
                 if scored is None:
                     if word is None:  # its words are cut too
                         log.debug("%s: phrase %r lost to truncation", batch.keys[i], target.phrase)
                         break
                     continue
                 word_class = classes.get(word) if word is not None else None
+                hit, random, on_center, other = scored
                 results.append(
-                    PhraseResult(batch.keys[i], target.phrase, target.type, *scored, word, word_class)
+                    PhraseResult(
+                        batch.keys[i],
+                        target.phrase,
+                        target.type,
+                        hit,
+                        random,
+                        on_center,
+                        word,
+                        word_class,
+                        other=other,
+                    )
                 )
         for extra in unboxed_word_targets(batch.captions[i], targets[i], classes):
-            scored = point([extra.span], extra.boxes)
+            scored = point([extra.span], extra.boxes, _other_boxes(targets[i], extra.boxes))
             if scored is not None:
                 # phrase: the phrases it is pointed at, "red circle | blue star"; type: the first one's
                 phrase, kind = " | ".join(p.phrase for p in extra.phrases), extra.phrases[0].type
+                hit, random, on_center, other = scored
                 results.append(
                     PhraseResult(
-                        batch.keys[i], phrase, kind, *scored, extra.word, extra.word_class, unboxed=True
+                        batch.keys[i],
+                        phrase,
+                        kind,
+                        hit,
+                        random,
+                        on_center,
+                        extra.word,
+                        extra.word_class,
+                        unboxed=True,
+                        other=other,
                     )
                 )
     return results
+
+
+def _other_boxes(
+    targets: Sequence[PhraseTarget], own: Sequence[Sequence[float]]
+) -> list[tuple[float, float, float, float]]:
+    # the boxes of the caption's phrases that are not among ``own``
+    mine = {tuple(b) for b in own}
+    return [box for t in targets for box in t.boxes if tuple(box) not in mine]
 
 
 def _point_spans(
@@ -350,13 +385,18 @@ def _point_spans(
     center: int,
     spans: Sequence[tuple[int, int]],
     boxes: Sequence[Sequence[float]],
-) -> tuple[bool, float, bool] | None:
-    # point_phrase on the plan mass (P, T) of the valid tokens overlapping spans; None when truncation cut them all
+    others: Sequence[Sequence[float]],
+) -> tuple[bool, float, bool, bool] | None:
+    # point_phrase on the plan mass (P, T) of the valid tokens overlapping spans, and whether a miss lies on one of
+    # the ``others`` boxes; None when truncation cut them all
     tokens = phrase_token_mask(offsets, valid, spans)  # (T,)
     if not bool(tokens.any()):
         return None
     mass = plan[:, tokens].sum(dim=-1)  # (P,)
-    return point_phrase(mass, centers, boxes, center)
+    hit, random, on_center = point_phrase(mass, centers, boxes, center)
+    best = centers[int(torch.argmax(mass))][None]  # (1, 2)
+    other = not hit and bool(others) and bool(inside_boxes(best, others)[0])
+    return hit, random, on_center, other
 
 
 def word_spans(caption: str, spans: Sequence[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -395,7 +435,7 @@ class GroundingTally:
         return sum(r.word is None for r in self.results)
 
     def summary(self) -> dict[str, float]:
-        """``acc``, ``random``, ``center`` (fractions) and ``n`` overall, and ``acc/<type>``, ``random/<type>``,
+        """``acc``, ``random``, ``center``, ``other`` (fractions) and ``n`` overall, and ``acc/<type>``, ``random/<type>``,
         ``center/<type>``, ``n/<type>`` per phrase type, all over whole phrases; ``word_acc``, ``word_random``,
         ``word_center``, ``word_n`` over the words of the phrases pointed one at a time; ``word_acc/<class>``,
         ``word_random/<class>``, ``word_center/<class>``, ``word_n/<class>`` per word class (``attribute``,
@@ -436,5 +476,6 @@ def _rates(results: Sequence[PhraseResult]) -> dict[str, float]:
         "acc": sum(r.hit for r in results) / n,
         "random": sum(r.random for r in results) / n,
         "center": sum(r.center for r in results) / n,
+        "other": sum(r.other for r in results) / n,
         "n": float(n),
     }

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from volta.losses.ot import gromov_wasserstein, ipot
 
-__all__ = ["cosine_cost", "got_contrastive_loss", "got_loss", "prune_cost"]
+__all__ = ["cosine_cost", "got_contrastive_loss", "got_loss", "prune_cost", "salience_marginal"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,38 @@ def _uniform(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def salience_marginal(image: Tensor, mask: Tensor, *, temperature: float) -> Tensor:
+    """Patch marginal ``(B, P)`` that favours the patches unlike the rest of their image (detached).
+
+    Each valid patch's salience is ``1 - cos(x_j, m)`` with ``m`` the mean of the image's unit-length valid
+    patch features; saliences are standardised over the image's valid patches (so the marginal does not depend
+    on the feature scale) and the marginal is their softmax at ``temperature``: background that fills most of an
+    image gets little mass, the few patches that differ from it most. Padding gets 0; an image whose patches are
+    all alike gets the uniform marginal; a row without a valid patch is all zeros. No gradient flows through it.
+    """
+    if temperature <= 0:
+        raise ValueError(f"expected temperature > 0, got {temperature}")
+    with torch.no_grad():
+        x = F.normalize(image.detach(), dim=-1)  # (B, P, D)
+        w = mask.to(x.dtype).unsqueeze(-1)  # (B, P, 1)
+        count = w.sum(dim=1).clamp_min(1.0)  # (B, 1)
+        mean = F.normalize((x * w).sum(dim=1) / count, dim=-1)  # (B, D)
+        sal = 1.0 - torch.einsum("bpd,bd->bp", x, mean)  # (B, P)
+        mu = (sal * w.squeeze(-1)).sum(dim=1, keepdim=True) / count
+        var = (((sal - mu) ** 2) * w.squeeze(-1)).sum(dim=1, keepdim=True) / count
+        z = (sal - mu) / var.sqrt().clamp_min(1e-6)
+        logits = (z / temperature).masked_fill(~mask, float("-inf"))
+        out = torch.softmax(logits, dim=1)
+        return torch.nan_to_num(out, nan=0.0)  # a row without a valid patch: all -inf -> nan -> 0
+
+
+def _image_marginal(image: Tensor, mask: Tensor, dtype: torch.dtype, salience: float | None) -> Tensor:
+    """The WD/GW patch marginal: uniform (``salience`` None, the paper) or :func:`salience_marginal`."""
+    if salience is None:
+        return _uniform(mask, dtype)
+    return salience_marginal(image.to(dtype), mask, temperature=salience)
+
+
 def _check_tokens(image_tokens: Tensor, text_tokens: Tensor, image_mask: Tensor, text_mask: Tensor) -> None:
     """Shapes ``(B, P, D)``, ``(B, T, D)`` with masks ``(B, P)``, ``(B, T)``, or a one-line ValueError."""
     if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[0] != text_tokens.shape[0]:
@@ -172,6 +204,7 @@ def got_loss(
     prune_scope: Literal["sample", "batch"] = "sample",
     prune_detach: bool = True,
     image_marginal_kl: float | None = None,
+    image_salience: float | None = None,
 ) -> dict[str, Tensor]:
     """GOT loss between image patches ``(B, P, D)`` and text tokens ``(B, T, D)`` (the GOT-projected features).
 
@@ -188,6 +221,10 @@ def got_loss(
     that weight (:func:`~volta.losses.ot.ipot`'s ``row_kl``): every word still carries ``1 / T`` of the mass, but
     the patches need not each receive ``1 / P``, so two words that name one object can both put their mass on
     its few patches instead of one of them being pushed onto the background. The GW term stays balanced.
+
+    ``image_salience`` (None: uniform patch marginal, the paper) replaces the patch marginal of both the WD and
+    the GW term by :func:`salience_marginal` at that temperature: the words' mass must then land mostly on the
+    patches that stand out from their image, not on the background every image shares.
     """
     _check_tokens(image_tokens, text_tokens, image_mask, text_mask)
     bsz, num_patches, num_tokens = image_tokens.shape[0], image_tokens.shape[1], text_tokens.shape[1]
@@ -196,7 +233,8 @@ def got_loss(
         image, image_mask_c, image_order = _compact(image_tokens, image_mask)  # (B, P', D)
         text, text_mask_c, text_order = _compact(text_tokens, text_mask)  # (B, T', D)
         dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-        a, b = _uniform(image_mask_c, dtype), _uniform(text_mask_c, dtype)  # (B, P'), (B, T')
+        a = _image_marginal(image, image_mask_c, dtype, image_salience)  # (B, P')
+        b = _uniform(text_mask_c, dtype)  # (B, T')
 
         sim_image, sim_cross, sim_text = _CosineSimilarities.apply(image.to(dtype), text.to(dtype), 1e-12)
         cross_valid = image_mask_c.unsqueeze(-1) & text_mask_c.unsqueeze(1)  # (B, P', T')
@@ -245,6 +283,7 @@ def got_contrastive_loss(
     ipot_beta: float,
     ipot_iters: int,
     image_marginal_kl: float | None = None,
+    image_salience: float | None = None,
 ) -> dict[str, Tensor]:
     """In-batch contrast of Wasserstein distances: every image against every caption of the local batch.
 
@@ -257,7 +296,7 @@ def got_contrastive_loss(
     Not in the paper: balanced GOT on matched pairs only is as cheap when every word is matched to the
     background patches that every image has as when words are matched to the objects they name
     (docs/losses.md); a caption's plan must be cheaper on its own image than on the others only in the second case.
-    ``image_marginal_kl`` relaxes the patch marginal as in :func:`got_loss`.
+    ``image_marginal_kl`` relaxes the patch marginal and ``image_salience`` replaces it as in :func:`got_loss`.
     Samples without a valid patch or token are left out; with fewer than two samples left the loss is 0 (with a
     zero gradient). Negatives are the local batch (no all-gather). All arithmetic in fp32 (fp64 for fp64 inputs).
     """
@@ -274,7 +313,8 @@ def got_contrastive_loss(
         yn = F.normalize(text.to(dtype), dim=-1).reshape(bsz * t, -1)  # (B*T', D)
         sim = (xn @ yn.T).view(bsz, p, bsz, t).permute(0, 2, 1, 3)  # (B_img, B_txt, P', T')
         cost = (1.0 - sim).reshape(bsz * bsz, p, t)
-        a = _uniform(image_mask_c, dtype).unsqueeze(1).expand(bsz, bsz, p).reshape(bsz * bsz, p)
+        a = _image_marginal(image, image_mask_c, dtype, image_salience)
+        a = a.unsqueeze(1).expand(bsz, bsz, p).reshape(bsz * bsz, p)
         b = _uniform(text_mask_c, dtype).unsqueeze(0).expand(bsz, bsz, t).reshape(bsz * bsz, t)
         plan = ipot(
             cost, a, b, beta=ipot_beta, num_iters=ipot_iters, row_kl=image_marginal_kl

@@ -129,7 +129,8 @@ def _retrieval_ks(doc: Mapping[str, Any] | None) -> list[int]:
 
 def summary_rows(trained: Mapping[str, Any] | None, untrained: Mapping[str, Any] | None) -> list[SummaryRow]:
     """The summary table from two ``volta eval all`` JSON documents (the trained model's and a random-init one's):
-    phrase pointing, word pointing overall and per word class, retrieval recall@K both ways (projector and, when
+    phrase pointing, word pointing overall and per word class (with, where measured, the share of the class's words
+    pointed at another object the caption names), retrieval recall@K both ways (projector and, when
     present, backbone features), linear probe and ITM accuracy. A figure missing from a document is NOT_MEASURED;
     the random and centre baselines come from the trained model's evaluation (the same samples)."""
     rows: list[SummaryRow] = []
@@ -150,6 +151,17 @@ def summary_rows(trained: Mapping[str, Any] | None, untrained: Mapping[str, Any]
     grounding = (base or {}).get("grounding") or {}
     for name in sorted(k.removeprefix("word_acc/") for k in grounding if k.startswith("word_acc/")):
         rows.append(pointing(f"word pointing, {name}", "word_", f"/{name}"))
+        if f"word_other/{name}" in grounding:
+            # misses on another object the caption names: a word that only finds *some* named object scores
+            # about as much here as above (an untrained model does), one that picks its own scores far less
+            rows.append(
+                SummaryRow(
+                    f"  ... {name} words on another named object",
+                    _cell(_get(trained, "grounding", f"word_other/{name}")),
+                    _cell(_get(untrained, "grounding", f"word_other/{name}")),
+                    NOT_APPLICABLE,
+                )
+            )
     ks = _retrieval_ks(trained) or _retrieval_ks(untrained) or [1, 5, 10]
     n_images = _get(base, "retrieval", "n_images")
     n_texts = _get(base, "retrieval", "n_texts")
