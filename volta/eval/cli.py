@@ -156,9 +156,11 @@ def _print_table(summary: dict[str, Any]) -> None:
             lines.append(f"  {name:<28} {shown}")
     words = summary.get("grounding_words")
     if words:
-        lines.append(f"  {'word pointed alone':<28} {'acc':>6} {'random':>7} {'n':>6}")
+        lines.append(f"  {'word pointed alone':<28} {'acc':>6} {'random':>7} {'other':>6} {'n':>6}")
         for word, rates in words.items():
-            lines.append(f"  {word:<28} {rates['acc']:6.3f} {rates['random']:7.3f} {rates['n']:6g}")
+            lines.append(
+                f"  {word:<28} {rates['acc']:6.3f} {rates['random']:7.3f} {rates['other']:6.3f} {rates['n']:6g}"
+            )
     print("\n".join(lines), file=sys.stderr)
 
 

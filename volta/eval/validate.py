@@ -81,8 +81,8 @@ def run_validation(
     Twins projections), ``val/local_i2t_r{k}``/``val/local_t2i_r{k}`` (means of the GOT token projections),
     ``val/global_i2t_r{k}``/``val/global_t2i_r{k}`` when both backbones have the same width,
     ``val/retrieval_n_images``/``val/retrieval_n_texts``, and, when ``eval.grounding`` is on and the shards
-    carry boxes, ``val/grounding_acc``, ``val/grounding_random``, ``val/grounding_center``,
-    ``val/grounding_n`` and the same per phrase type (``val/grounding_acc/<type>``, ...), and with
+    carry boxes, ``val/grounding_acc``, ``val/grounding_random``, ``val/grounding_center``, ``val/grounding_other``
+    (misses on another named object), ``val/grounding_n`` and the same per phrase type (``val/grounding_acc/<type>``, ...), and with
     ``eval.itm`` the held-out image-text matching ``val/itm_acc`` (balanced), ``val/itm_acc_pos``/``_neg``. The model's
     train/eval mode is restored; no gradients are computed.
     """
