@@ -334,7 +334,7 @@ def test_salience_marginal_moves_the_words_mass_onto_the_object() -> None:
     assert uniform["plan"][0, :2].sum() <= 2 / 16 + 1e-6
     assert salient["plan"][0, :2].sum() > 0.7
     assert salient["wd"] < uniform["wd"]
-    pair = torch.stack([image, image.flip(0)])[:, :, :], torch.stack([text, text])
+    pair = torch.stack([image, image.flip(0)]), torch.stack([text, text])
     two = (torch.ones(2, 16, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool))
     kw = {"temperature": 0.05, "ipot_beta": 0.5, "ipot_iters": 30}
     plain = got_contrastive_loss(*pair, *two, **kw)
