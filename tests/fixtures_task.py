@@ -18,7 +18,10 @@ PAD, CLS, SEP, MASK = 1, 0, 2, 4
 
 def batch_rows(batch: VoltaBatch, idx: slice) -> VoltaBatch:
     """The samples ``idx`` of a batch (both views, ids and keys)."""
-    views = tuple(View(**{f.name: getattr(v, f.name)[idx] for f in fields(v)}) for v in batch.views)
+    views = tuple(
+        View(**{f.name: None if (x := getattr(v, f.name)) is None else x[idx] for f in fields(v)})
+        for v in batch.views
+    )
     return VoltaBatch(views=views, image_ids=batch.image_ids[idx], keys=batch.keys[idx])  # type: ignore[arg-type]
 
 
@@ -52,6 +55,30 @@ def _caption(g: torch.Generator, b: int, length: int) -> tuple[Tensor, Tensor, T
     attn = (~pad).long()
     special = pad | (ids == CLS) | (ids == SEP)
     return ids, attn, special
+
+
+def with_swaps(batch: VoltaBatch, seed: int = 1) -> VoltaBatch:
+    """A copy whose views carry swapped captions (two real tokens of each caption exchanged; the last sample
+    marked as having none)."""
+    g = torch.Generator().manual_seed(seed)
+    views = []
+    for v in batch.views:
+        ids = v.input_ids.clone()
+        for row, real in enumerate(~v.special_tokens_mask):
+            i, j = torch.nonzero(real).squeeze(1)[torch.randperm(int(real.sum()), generator=g)[:2]].tolist()
+            ids[row, i], ids[row, j] = ids[row, j], ids[row, i]
+        valid = torch.ones(ids.shape[0], dtype=torch.bool)
+        valid[-1] = False
+        views.append(
+            replace(
+                v,
+                swap_input_ids=ids,
+                swap_attention_mask=v.attention_mask.clone(),
+                swap_special_tokens_mask=v.special_tokens_mask.clone(),
+                swap_valid=valid,
+            )
+        )
+    return replace(batch, views=tuple(views))
 
 
 def make_batch(config: VoltaConfig, b: int = 8, seed: int = 0) -> VoltaBatch:

@@ -172,6 +172,7 @@ class VoLTATask(nn.Module):
         zero = torch.zeros((), device=batch.image_ids.device)
         wd, gwd, total, nce = zero, zero, zero, zero
         nce_acc: list[Tensor] = []
+        swap_acc: list[Tensor] = []
         for p in passes:
             g = self.model.got_projections(p.dual())
             text_mask = g.text_mask
@@ -186,15 +187,43 @@ class VoLTATask(nn.Module):
                     g.image_mask,
                     text_mask,
                     **c.contrastive.kwargs(c.ipot_beta, c.image_marginal_kl, c.image_salience),
+                    **self._swap_tokens(p),  # swap_tokens, swap_mask
                 )
                 nce = nce + contrast["loss"]
                 nce_acc.append(contrast["acc"])
+                if "swap_acc" in contrast:
+                    swap_acc.append(contrast["swap_acc"])
                 total = total + c.contrastive.weight * contrast["loss"]
         out = {"got_loss": c.weight * total, "wd": wd.detach(), "gwd": gwd.detach()}
         if nce_acc:
             out["got_nce"] = nce.detach()
             out["got_nce_acc"] = torch.stack(nce_acc).mean()
+        if swap_acc:
+            out["got_swap_acc"] = torch.stack(swap_acc).mean()
         return out
+
+    def _swap_tokens(self, p: ViewPasses) -> dict[str, Any]:
+        """The GOT text projections of the view's swapped captions (``swap_tokens``/``swap_mask`` of
+        :func:`got_contrastive_loss`; ``{}`` when the config does not ask for them). The swapped captions run the
+        text encoder alone (fusion off) and the GOT text projector in its own call."""
+        v = p.view
+        if not self.loss_cfg.got.swap_negatives_on:
+            return {}
+        if (
+            v.swap_input_ids is None
+            or v.swap_attention_mask is None
+            or v.swap_special_tokens_mask is None
+            or v.swap_valid is None
+        ):
+            raise ValueError(
+                "loss.got.contrastive.swap_negatives is on but the batch has no swapped captions "
+                "(volta.data.build_train_loader makes them for such a config)"
+            )
+        tokens, mask = self.model.encode_text(self.model.text_prefix(v.swap_input_ids, v.swap_attention_mask))
+        if not self.loss_cfg.got.include_special_tokens:
+            mask = mask & ~v.swap_special_tokens_mask.bool()
+        mask = mask & v.swap_valid.bool().unsqueeze(1)
+        return {"swap_tokens": self.model.got_text_projector(tokens, mask), "swap_mask": mask}
 
     def mlm_terms(self, batch: VoltaBatch, passes: list[ViewPasses]) -> Terms:
         """Fusion on: MLM on (image view, masked caption view), this rank's share of the global token mean,

@@ -369,3 +369,45 @@ def test_views_rendered_on_the_device_match_the_cpu_views(tmp_path: Path, tiny_t
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
             assert a.images.shape == b.images.shape and b.images.dtype == torch.uint8
             assert (a.images.float() - b.images.float()).abs().mean() < 3.0
+
+
+def test_swap_negatives_add_swapped_captions_and_change_nothing_else(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    write_dataset(tmp_path, 2, 4)
+    # captions untruncated, so that the decoded swap holds every word of the caption
+    model = {"image": {"img_size": 32, "pretrained": False}, "text": {"max_length": 64, "pretrained": False}}
+    plain = tiny_config(
+        str(tmp_path),
+        model=model,
+        data={"samples_per_epoch": 8},
+        loss={"got": {"contrastive": {"weight": 0.1}}},
+    )
+    swap = tiny_config(
+        str(tmp_path),
+        model=model,
+        data={"samples_per_epoch": 8},
+        loss={"got": {"contrastive": {"weight": 0.1, "swap_negatives": True}}},
+    )
+    a = list(build_train_loader(plain, tiny_tokenizer, rank=0, world_size=1, epoch=0))
+    b = list(build_train_loader(swap, tiny_tokenizer, rank=0, world_size=1, epoch=0))
+    assert _fingerprint(a) == _fingerprint(b)  # the same samples, views and MLM corruption
+    for x, y in zip(a, b, strict=True):
+        for v, w in zip(x.views, y.views, strict=True):
+            assert v.swap_input_ids is None and v.swap_valid is None
+            assert torch.equal(v.input_ids, w.input_ids)
+            assert (
+                w.swap_input_ids is not None
+                and w.swap_attention_mask is not None
+                and w.swap_valid is not None
+            )
+            assert w.swap_input_ids.shape == w.input_ids.shape and w.swap_valid.dtype == torch.bool
+            for row in range(w.input_ids.shape[0]):
+                caption = tiny_tokenizer.decode(w.input_ids[row], skip_special_tokens=True).split()
+                swapped = tiny_tokenizer.decode(w.swap_input_ids[row], skip_special_tokens=True).split()
+                if not w.swap_valid[row]:
+                    assert len(set(caption)) < 2
+                    continue
+                assert sorted(swapped) == sorted(caption)  # the same words, two of them exchanged
+                assert sum(u != s for u, s in zip(caption, swapped, strict=True)) == 2
+    assert any(bool(w.swap_valid.any()) for y in b for w in y.views)  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from volta.data.views import (
     eda_augment,
     eval_image_transform,
     normalize_images,
+    swap_words,
 )
 
 _OFF = {
@@ -146,3 +147,26 @@ def test_each_op_touches_the_share_of_words_it_is_given(rate: float) -> None:
             assert len(out) == 20 - n and out == [w for w in words if w in out]
         else:  # swap: n swaps move at most 2n words
             assert sorted(out) == sorted(words) and 0 < sum(a != b for a, b in zip(out, words)) <= 2 * n
+
+
+@pytest.mark.parametrize(
+    "caption", ["a red triangle left of a blue circle", "two words", "x x y", "w1 w2 w3 w4 w5"]
+)
+def test_swap_words_exchanges_two_different_words(caption: str) -> None:
+    words = caption.split()
+    seen = set()
+    for seed in range(40):
+        out = swap_words(caption, random.Random(seed))
+        assert out is not None and out == swap_words(caption, random.Random(seed))  # deterministic
+        new = out.split()
+        assert sorted(new) == sorted(words) and out != caption  # the same words, another caption
+        moved = [k for k, (u, v) in enumerate(zip(words, new, strict=True)) if u != v]
+        assert len(moved) == 2 and new[moved[0]] == words[moved[1]]
+        seen.add(tuple(moved))
+    pairs = {(i, j) for i in range(len(words)) for j in range(i + 1, len(words)) if words[i] != words[j]}
+    assert seen == pairs or len(seen) >= min(len(pairs), 8)  # any pair of different words can be drawn
+
+
+@pytest.mark.parametrize("caption", ["", "one", "same same same"])
+def test_swap_words_without_two_different_words_is_none(caption: str) -> None:
+    assert swap_words(caption, random.Random(0)) is None

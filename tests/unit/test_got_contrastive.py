@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.unit.test_got import _batch
@@ -92,3 +93,91 @@ def test_padding_and_empty_samples_have_no_influence() -> None:
     assert alone["loss"] == 0
     alone["loss"].backward()
     assert image.grad is not None and (image.grad == 0).all()
+
+
+def _naive_swap_loss(image, text, swap, image_mask, text_mask, swap_mask, temperature, ipot_beta, ipot_iters):
+    """The contrast with one swap negative per image, from the naive per-pair WDs (image-to-text only)."""
+    _, wd = _naive_loss(image, text, image_mask, text_mask, temperature, ipot_beta, ipot_iters)
+    keep = [k for k in range(image.shape[0]) if image_mask[k].any() and text_mask[k].any()]
+    i2t = t2i = 0.0
+    swap_wd = {}
+    for i in keep:
+        row = [-wd[i, j] / temperature for j in keep]
+        if swap_mask[i].any():
+            x, y = image[i][image_mask[i]], swap[i][swap_mask[i]]
+            cost = torch.stack(
+                [torch.stack([1 - torch.dot(u, v) / (u.norm() * v.norm()) for v in y]) for u in x]
+            )
+            swap_wd[i] = (cost * _naive_ipot(cost, ipot_iters, ipot_beta)).sum()
+            row.append(-swap_wd[i] / temperature)
+        col = [-wd[j, i] / temperature for j in keep]
+        i2t += -row[keep.index(i)] + torch.logsumexp(torch.stack(row), 0)
+        t2i += -col[keep.index(i)] + torch.logsumexp(torch.stack(col), 0)
+    return 0.5 * (i2t + t2i) / len(keep), swap_wd
+
+
+def test_swap_negatives_match_a_naive_reference_with_padding_and_rows_without_one() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    swap = torch.randn(4, 7, 16, generator=gen, dtype=torch.float64)  # other lengths than the captions
+    swap_mask = torch.zeros(4, 7, dtype=torch.bool)
+    swap_mask[0, 1:6] = True
+    swap_mask[1, 0:7] = True
+    swap_mask[3, 2:4] = True  # row 2: no swap negative
+    out = got_contrastive_loss(
+        image, text, image_mask, text_mask, **KW, swap_tokens=swap, swap_mask=swap_mask
+    )
+    ref, swap_wd = _naive_swap_loss(image, text, swap, image_mask, text_mask, swap_mask, **KW)
+    torch.testing.assert_close(out["loss"], ref, rtol=1e-10, atol=1e-12)
+    for i, value in swap_wd.items():
+        torch.testing.assert_close(out["swap_wd"][i], value, rtol=1e-10, atol=1e-12)
+    wins = [bool(out["wd"][i, i] < swap_wd[i]) for i in swap_wd]
+    assert out["swap_acc"] == sum(wins) / len(wins)
+    # garbage under the swap padding changes nothing; without swap rows the loss is the plain contrast
+    garbage = swap.masked_fill(~swap_mask.unsqueeze(-1), 1e6)
+    again = got_contrastive_loss(
+        image, text, image_mask, text_mask, **KW, swap_tokens=garbage, swap_mask=swap_mask
+    )
+    torch.testing.assert_close(again["loss"], out["loss"], rtol=1e-10, atol=1e-12)
+    none = got_contrastive_loss(
+        image, text, image_mask, text_mask, **KW, swap_tokens=swap, swap_mask=swap_mask & False
+    )
+    torch.testing.assert_close(
+        none["loss"], got_contrastive_loss(image, text, image_mask, text_mask, **KW)["loss"]
+    )
+    assert none["swap_acc"] == 0
+
+
+def test_a_swap_negative_with_the_same_tokens_in_another_order_is_no_easier_than_a_tie() -> None:
+    # Without context, a caption with two words swapped is the same set of tokens: same WD, so the contrast
+    # cannot be lowered by the swap column; only tokens that depend on their order can win it.
+    image, text, image_mask, text_mask = _batch(torch.float64)
+    order = torch.tensor([1, 0, *range(2, text.shape[1])])
+    plain = got_contrastive_loss(image, text, image_mask, text_mask, **KW)
+    out = got_contrastive_loss(
+        image, text, image_mask, text_mask, **KW, swap_tokens=text[:, order], swap_mask=text_mask[:, order]
+    )
+    torch.testing.assert_close(out["swap_wd"], plain["wd"].diagonal(), rtol=1e-10, atol=1e-12)
+    assert out["loss"] > plain["loss"]
+    image.requires_grad_(True)
+    grad = torch.autograd.grad(
+        got_contrastive_loss(
+            image,
+            text,
+            image_mask,
+            text_mask,
+            **KW,
+            swap_tokens=text[:, order],
+            swap_mask=text_mask[:, order],
+        )["loss"],
+        image,
+    )[0]
+    assert torch.isfinite(grad).all()
+
+
+def test_swap_tokens_of_another_batch_size_are_rejected() -> None:
+    image, text, image_mask, text_mask = _batch(torch.float64)
+    with pytest.raises(ValueError, match="swap tokens"):
+        got_contrastive_loss(
+            image, text, image_mask, text_mask, **KW, swap_tokens=text[:2], swap_mask=text_mask[:2]
+        )

@@ -189,6 +189,10 @@ def test_shared_prefix_equals_unshared_forward(depth: int, placement: str) -> No
         assert torch.allclose(swapped.image_tokens, direct.image_tokens, atol=1e-5, rtol=0)
         assert torch.allclose(swapped.text_tokens, direct.text_tokens, atol=1e-5, rtol=0)
         assert torch.equal(txt.index(perm).attention_mask, mask[perm])
+        # the text stream alone, fusion off: what encode gives without running the image blocks
+        tokens, text_mask = model.encode_text(txt)
+        assert torch.equal(tokens, model.encode(img, txt, fusion=False).text_tokens)
+        assert torch.equal(text_mask, mask.bool())
 
 
 def test_mismatched_prefix_batches_are_rejected() -> None:

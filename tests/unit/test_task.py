@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.fixtures_task import VOCAB, make_batch, tiny_config
+from tests.fixtures_task import VOCAB, make_batch, tiny_config, with_swaps
 from volta.models.factory import build_model
 from volta.task import VoLTATask
 
@@ -139,6 +139,32 @@ def test_got_contrastive_term_is_added_inside_the_got_term() -> None:
     torch.testing.assert_close(b["loss"] - b["got_loss"], a["loss"] - a["got_loss"], rtol=1e-5, atol=1e-4)
     off = _task("loss.got.contrastive.weight=0.5", "loss.got.weight=0")(batch)
     assert "got_nce" not in off and "got_loss" not in off
+
+
+def test_swap_negatives_add_a_column_to_the_got_contrast_and_nothing_else() -> None:
+    swap = "loss.got.contrastive.swap_negatives=true"
+    batch = with_swaps(make_batch(tiny_config()))
+    contrast, swapped = (
+        _task("loss.got.contrastive.weight=0.5"),
+        _task("loss.got.contrastive.weight=0.5", swap),
+    )
+    torch.manual_seed(3)
+    a = contrast(batch)
+    torch.manual_seed(3)
+    b = swapped(batch)
+    assert "got_swap_acc" not in a and 0 <= b["got_swap_acc"] <= 1
+    # one more negative per image: the image-to-text cross entropy can only grow; the WD/GWD terms and every
+    # other loss are those of the same step without it
+    assert b["got_nce"] > a["got_nce"]
+    torch.testing.assert_close(b["wd"], a["wd"])
+    torch.testing.assert_close(b["loss"] - b["got_loss"], a["loss"] - a["got_loss"], rtol=1e-5, atol=1e-4)
+    b["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in swapped.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="swap_negatives is on but the batch has no swapped captions"):
+        _task("loss.got.contrastive.weight=0.5", swap)(make_batch(tiny_config()))
+    # without the contrast there is nothing to add the column to: the setting asks for no swapped captions
+    assert not tiny_config(swap).loss.got.swap_negatives_on
+    assert tiny_config(swap, "loss.got.contrastive.weight=0.5").loss.got.swap_negatives_on
 
 
 def test_hard_itm_negatives_are_drawn_from_the_projection_similarity(monkeypatch: pytest.MonkeyPatch) -> None:

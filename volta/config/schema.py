@@ -180,6 +180,9 @@ class GOTContrastConfig(_Section):
     weight: float = Field(0.0, ge=0.0)
     temperature: float = Field(0.05, gt=0.0)
     ipot_iters: int = Field(1, ge=1)
+    # Also not in the paper: each image's own caption with two words swapped as one more negative of the
+    # image-to-text direction (the same words, so only where each word's mass lands tells them apart).
+    swap_negatives: bool = False
 
     def kwargs(
         self, ipot_beta: float, image_marginal_kl: float | None = None, image_salience: float | None = None
@@ -223,6 +226,11 @@ class GOTLossConfig(_Section):
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`volta.losses.got.got_loss`: every field of this block but the three above."""
         return self.model_dump(exclude={"weight", "include_special_tokens", "contrastive"})
+
+    @property
+    def swap_negatives_on(self) -> bool:
+        """Whether training batches need swapped captions: the GOT term and its contrast on, swap negatives set."""
+        return self.weight > 0 and self.contrastive.weight > 0 and self.contrastive.swap_negatives
 
 
 class MLMLossConfig(_Section):

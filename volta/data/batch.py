@@ -88,6 +88,12 @@ class View(_TensorBatch):
     special_tokens_mask: Tensor  # (B, L) bool, True = special token or padding
     mlm_input_ids: Tensor  # (B, L) input_ids with 15% of the real tokens corrupted (80/10/10)
     mlm_labels: Tensor  # (B, L) original ids at corrupted positions, -100 elsewhere
+    # The caption with two words swapped (loss.got.contrastive.swap_negatives; None when off), tokenised like
+    # input_ids; swap_valid (B,) is False where the caption has no two different words (no negative).
+    swap_input_ids: Tensor | None = None  # (B, L)
+    swap_attention_mask: Tensor | None = None  # (B, L)
+    swap_special_tokens_mask: Tensor | None = None  # (B, L) bool
+    swap_valid: Tensor | None = None  # (B,) bool
 
 
 @dataclass
@@ -182,7 +188,8 @@ class TrainCollate:
     """Turn a list of decoded two-view samples into a :class:`VoltaBatch` (tokenise both views, MLM-mask them).
 
     Each sample is a dict with ``key``, ``image_id``, ``image1``/``image2`` (3, H, W) (or, for views rendered
-    on the device, ``raw`` (H, W, 3) uint8 and ``plan``), ``caption1``/``caption2`` and ``mlm_seed``; the MLM corruption of a sample is drawn from its own generator seeded with ``mlm_seed``, so
+    on the device, ``raw`` (H, W, 3) uint8 and ``plan``), ``caption1``/``caption2`` and ``mlm_seed`` (and, for swap negatives, ``swap1``/``swap2``: a
+    caption or None); the MLM corruption of a sample is drawn from its own generator seeded with ``mlm_seed``, so
     it does not depend on which other samples share the batch.
     """
 
@@ -237,6 +244,20 @@ class TrainCollate:
         for v, mlm_seeds in zip((1, 2), view_seeds, strict=True):
             tok = _tokenize(self.tokenizer, [s[f"caption{v}"] for s in samples], self.max_length)
             mlm_ids, mlm_labels = self._mask(tok["input_ids"], tok["special_tokens_mask"], mlm_seeds)
+            swap: dict[str, Tensor] = {}
+            if samples and f"swap{v}" in samples[0]:
+                swapped = [s[f"swap{v}"] for s in samples]  # None: no two different words
+                stok = _tokenize(
+                    self.tokenizer,
+                    [c if c is not None else s[f"caption{v}"] for c, s in zip(swapped, samples, strict=True)],
+                    self.max_length,
+                )
+                swap = {
+                    "swap_input_ids": stok["input_ids"],
+                    "swap_attention_mask": stok["attention_mask"],
+                    "swap_special_tokens_mask": stok["special_tokens_mask"],
+                    "swap_valid": torch.tensor([c is not None for c in swapped], dtype=torch.bool),
+                }
             views.append(
                 View(
                     images=(
@@ -249,6 +270,7 @@ class TrainCollate:
                     special_tokens_mask=tok["special_tokens_mask"],
                     mlm_input_ids=mlm_ids,
                     mlm_labels=mlm_labels,
+                    **swap,
                 )
             )
         return VoltaBatch(

@@ -135,6 +135,7 @@ def build_train_loader(
         max_image_pixels=data.max_image_pixels,
         s3=s3,
         render_on=views.render_on,
+        swap_negatives=config.loss.got.swap_negatives_on,
     )
     log.info(
         "train loader: rank %d/%d epoch %d, %d shards, %d batches of %d from batch %d, %d workers",

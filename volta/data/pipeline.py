@@ -60,7 +60,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from volta.data.batch import EvalBatch, EvalCollate, TrainCollate, VoltaBatch, image_id
 from volta.data.s3 import S3Location
 from volta.data.shards import open_shard
-from volta.data.views import ImageViews, TextViews, eval_image_transform
+from volta.data.views import ImageViews, TextViews, eval_image_transform, swap_words
 from volta.errors import DataError
 
 __all__ = [
@@ -306,6 +306,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
         max_image_pixels: int = 50_000_000,
         s3: S3Location | None = None,
         render_on: str = "cpu",
+        swap_negatives: bool = False,
     ) -> None:
         super().__init__()
         if not shards:
@@ -334,6 +335,7 @@ class TrainStream(IterableDataset[VoltaBatch]):
             image_size=image_views.image_size,
         )
         self.render_on = render_on
+        self.swap_negatives = swap_negatives
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
@@ -421,6 +423,10 @@ class TrainStream(IterableDataset[VoltaBatch]):
                 sample["caption"], random.Random(sample_seed)
             )
             item["mlm_seed"] = stable_seed(sample_seed, "mlm")
+            if self.swap_negatives:
+                swap_rng = random.Random(stable_seed(sample_seed, "swap"))
+                item["swap1"] = swap_words(item["caption1"], swap_rng)
+                item["swap2"] = swap_words(item["caption2"], swap_rng)
             batch.append(item)
             if len(batch) == self.batch_size:
                 global_index = (first_local + done) * workers + role

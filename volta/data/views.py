@@ -33,6 +33,7 @@ __all__ = [
     "eda_augment",
     "eval_image_transform",
     "normalize_images",
+    "swap_words",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +157,18 @@ def _random_deletion(words: list[str], n: int, rng: random.Random) -> list[str]:
     # Delete n distinct words, never all of them: a caption view keeps at least one word.
     drop = set(rng.sample(range(len(words)), min(n, len(words) - 1)))
     return [w for i, w in enumerate(words) if i not in drop]
+
+
+def swap_words(caption: str, rng: random.Random) -> str | None:
+    """``caption`` with two of its words swapped: a negative caption with the same words (whitespace words, two
+    positions drawn uniformly among the pairs whose words differ). None when no two words differ."""
+    words = caption.split()
+    pairs = [(i, j) for i in range(len(words)) for j in range(i + 1, len(words)) if words[i] != words[j]]
+    if not pairs:
+        return None
+    i, j = rng.choice(pairs)
+    words[i], words[j] = words[j], words[i]
+    return " ".join(words)
 
 
 def eda_augment(caption: str, rng: random.Random, *, rate: float = 0.1) -> str:

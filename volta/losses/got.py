@@ -284,6 +284,8 @@ def got_contrastive_loss(
     ipot_iters: int,
     image_marginal_kl: float | None = None,
     image_salience: float | None = None,
+    swap_tokens: Tensor | None = None,
+    swap_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """In-batch contrast of Wasserstein distances: every image against every caption of the local batch.
 
@@ -299,6 +301,14 @@ def got_contrastive_loss(
     ``image_marginal_kl`` relaxes the patch marginal and ``image_salience`` replaces it as in :func:`got_loss`.
     Samples without a valid patch or token are left out; with fewer than two samples left the loss is 0 (with a
     zero gradient). Negatives are the local batch (no all-gather). All arithmetic in fp32 (fp64 for fp64 inputs).
+
+    ``swap_tokens (B, T2, D)`` with ``swap_mask (B, T2)`` (not in the paper; None: off) are the tokens of each
+    image's own caption with two of its words swapped (:func:`volta.data.views.swap_words`): one more negative
+    per image in the image-to-text direction, scored against that image alone. It has the words of the positive,
+    so a plan cannot tell the two apart by which words occur, only by where each word's mass lands: cheaper on
+    the positive only when each word sits on the region it names in its own caption. A row whose mask is all
+    False has no swap negative. ``swap_acc`` is the share of images with a swap negative whose own caption has
+    the lower distance (0 when none has one).
     """
     _check_tokens(image_tokens, text_tokens, image_mask, text_mask)
     if temperature <= 0:
@@ -313,23 +323,52 @@ def got_contrastive_loss(
         yn = F.normalize(text.to(dtype), dim=-1).reshape(bsz * t, -1)  # (B*T', D)
         sim = (xn @ yn.T).view(bsz, p, bsz, t).permute(0, 2, 1, 3)  # (B_img, B_txt, P', T')
         cost = (1.0 - sim).reshape(bsz * bsz, p, t)
-        a = _image_marginal(image, image_mask_c, dtype, image_salience)
-        a = a.unsqueeze(1).expand(bsz, bsz, p).reshape(bsz * bsz, p)
+        a_image = _image_marginal(image, image_mask_c, dtype, image_salience)  # (B, P')
+        a = a_image.unsqueeze(1).expand(bsz, bsz, p).reshape(bsz * bsz, p)
         b = _uniform(text_mask_c, dtype).unsqueeze(0).expand(bsz, bsz, t).reshape(bsz * bsz, t)
         plan = ipot(
             cost, a, b, beta=ipot_beta, num_iters=ipot_iters, row_kl=image_marginal_kl
         )  # (B*B, P', T')
         wd = (cost * plan).sum(dim=(1, 2)).view(bsz, bsz)  # (B_img, B_txt)
 
+        swap_wd = None
+        if swap_tokens is not None:
+            if swap_mask is None or swap_tokens.shape[0] != bsz or swap_mask.shape != swap_tokens.shape[:2]:
+                raise ValueError(
+                    f"expected swap tokens (B={bsz}, T, D) with a (B, T) mask, got {tuple(swap_tokens.shape)}"
+                )
+            swap, swap_mask_c, _ = _compact(swap_tokens, swap_mask.bool())  # (B, T2', D)
+            swap_n = F.normalize(swap.to(dtype), dim=-1)
+            swap_cost = 1.0 - torch.einsum("bpd,btd->bpt", xn.view(bsz, p, -1), swap_n)  # (B, P', T2')
+            swap_plan = ipot(
+                swap_cost,
+                a_image,
+                _uniform(swap_mask_c, dtype),
+                beta=ipot_beta,
+                num_iters=ipot_iters,
+                row_kl=image_marginal_kl,
+            )
+            swap_wd = (swap_cost * swap_plan).sum(dim=(1, 2))  # (B,)
+
         keep = torch.nonzero(image_mask.any(dim=1) & text_mask.any(dim=1)).squeeze(1)  # (N,)
         if keep.numel() < 2:
             zero = wd.sum() * 0.0
-            return {"loss": zero, "acc": zero.detach(), "wd": wd.detach()}
+            out = {"loss": zero, "acc": zero.detach(), "wd": wd.detach()}
+            return out | ({} if swap_wd is None else {"swap_acc": zero.detach()})
         scores = -wd.index_select(0, keep).index_select(1, keep) / temperature  # (N, N)
         target = torch.arange(keep.numel(), device=scores.device)
-        loss = 0.5 * (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target))
         acc = 0.5 * (
             (scores.argmax(dim=1) == target).to(dtype).mean()
             + (scores.argmax(dim=0) == target).to(dtype).mean()
         )
-    return {"loss": loss, "acc": acc.detach(), "wd": wd.detach()}
+        extra: dict[str, Tensor] = {}
+        i2t = scores
+        if swap_wd is not None:
+            has_swap = swap_mask.bool().any(dim=1).index_select(0, keep)  # type: ignore[union-attr]
+            column = (-swap_wd.index_select(0, keep) / temperature).masked_fill(~has_swap, float("-inf"))
+            i2t = torch.cat([scores, column.unsqueeze(1)], dim=1)  # (N, N + 1)
+            wins = (scores.diagonal() > column) & has_swap
+            extra["swap_acc"] = (wins.sum() / has_swap.sum().clamp_min(1)).to(dtype).detach()
+            extra["swap_wd"] = swap_wd.detach()
+        loss = 0.5 * (F.cross_entropy(i2t, target) + F.cross_entropy(scores.T, target))
+    return {"loss": loss, "acc": acc.detach(), "wd": wd.detach()} | extra

@@ -242,6 +242,17 @@ class VoLTAModel(nn.Module):
         image_tokens = img.norm(x).flatten(1, 2)  # (B, P, Di)
         return VoLTAOutputs(image_tokens, t, mask.bool(), fused=fusion)
 
+    def encode_text(self, text_prefix: TextPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fusion-off text tokens ``(B, T, Dt)`` and mask ``(B, T)`` (bool) of :meth:`encode`, without the image
+        side (fusion off, the text stream does not read it)."""
+        txt, t, mask = self.text_encoder, text_prefix.hidden, text_prefix.attention_mask
+        layer_mask = txt.layer_mask(t, mask)
+        for k in range(self.fusion_depth):
+            t = txt.layer(
+                self.first_fused_text_layer + k, t, layer_mask, None, placement=self.fusion_placement
+            )
+        return t, mask.bool()
+
     def _pair_fusion(
         self, k: int, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor
     ) -> tuple[FuseFn, FuseFn]:
