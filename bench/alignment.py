@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from volta.config import load_config
+from volta.config import config_from_dict, load_config
 from volta.training.metrics import read_jsonl
 from volta.training.report import retrieval_chance
 
@@ -75,13 +75,29 @@ class Run:
 
     def changed_settings(self, config: str, out_dir: Path, extra: Sequence[str]) -> list[str]:
         """The settings (dotted keys) in which the finished run's saved config differs from what this study
-        would train now; [] when they agree or the run saved none."""
+        would train now; [] when they agree or the run saved none.
+
+        The saved config is read through the current schema, so a setting added since, at its default, is no
+        change; ``ray.*`` (the Ray Train launch, which ``volta train`` in one process does not read) is left
+        out but ``ray.run_name``, which names the run's folders."""
         saved = out_dir / self.name / "final" / "config.yaml"
         if not saved.exists():
             return []
         want = _flat(load_config(config, self.sets(out_dir, extra)).model_dump(mode="json"))
-        have = _flat(yaml.safe_load(saved.read_text()) or {})
-        return sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        try:
+            have = _flat(config_from_dict(yaml.safe_load(saved.read_text()) or {}).model_dump(mode="json"))
+        except ValueError as err:  # a setting the schema no longer has
+            return [f"{saved}: {str(err).splitlines()[0]}"]
+        keys = {k for k in want.keys() | have.keys() if not k.startswith("ray.") or k == "ray.run_name"}
+        return sorted(k for k in keys if _local(want.get(k)) != _local(have.get(k)))
+
+
+def _local(value: Any) -> Any:
+    """A local path as the absolute path it names from here (``data/synth`` and ``/repo/data/synth`` are one
+    folder when run from ``/repo``); any other value as it is."""
+    if isinstance(value, str) and "://" not in value and (value.startswith(("/", ".")) or "/" in value):
+        return str(Path(value).resolve())
+    return value
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -116,3 +116,38 @@ def test_class_cells_show_the_other_object_rate_where_measured() -> None:
     # one seed without the figure (a run from before it existed): the mean leaves it out rather than guess
     results[1]["metrics"] = GOOD
     assert "| 0.200 (2.5) |" in means_table(results).splitlines()[2]
+
+
+def test_finished_runs_are_stale_only_for_a_setting_that_changes_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from bench.alignment import Run
+    from tests.conftest import REPO
+    from volta.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "synth").mkdir(parents=True)
+    config = str(REPO / "configs" / "demo.yaml")
+    out = tmp_path / "study"
+    run = Run("recipe", (), 0, "shapes", Path("data/synth"))
+    saved = load_config(config, run.sets(out, [])).model_dump(mode="json")
+    # trained from another folder naming the data by its absolute path, before swap_negatives existed, with
+    # another Ray launch: none of it changes what `volta train` trains
+    saved["data"]["train_shards"] = str(tmp_path / "data/synth/train")
+    saved["data"]["val_shards"] = str(tmp_path / "data/synth/val")
+    saved["data"]["tokenizer"] = str(tmp_path / "data/synth/tokenizer")
+    del saved["loss"]["got"]["contrastive"]["swap_negatives"]
+    saved["ray"]["cpus_per_worker"] = 7
+    (out / run.name / "final").mkdir(parents=True)
+    path = out / run.name / "final" / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert run.changed_settings(config, out, []) == []
+    saved["loss"]["got"]["weight"] = 1.0  # this one does
+    saved["loss"]["got"]["contrastive"]["swap_negatives"] = True
+    path.write_text(yaml.safe_dump(saved))
+    assert run.changed_settings(config, out, []) == ["loss.got.contrastive.swap_negatives", "loss.got.weight"]
+    saved["loss"]["got"]["no_such_setting"] = 1
+    path.write_text(yaml.safe_dump(saved))
+    assert "no_such_setting" in run.changed_settings(config, out, [])[0]
