@@ -6,6 +6,7 @@ data pipeline (which ``bench.data`` measures on its own) and need no tokenizer f
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -38,6 +39,23 @@ def recipe_vocab_size(config: VoltaConfig) -> int:
     from volta.models.factory import text_config_for
 
     return int(text_config_for(config.model).vocab_size)
+
+
+def _swapped(
+    gen: torch.Generator, ids: torch.Tensor, attn: torch.Tensor, special: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Swap-negative fields for random captions: two real tokens of every caption exchanged."""
+    swapped = ids.clone()
+    for row, real in enumerate(~special):
+        positions = torch.nonzero(real).squeeze(1)
+        i, j = positions[torch.randperm(positions.numel(), generator=gen)[:2]].tolist()
+        swapped[row, i], swapped[row, j] = ids[row, j], ids[row, i]
+    return {
+        "swap_input_ids": swapped,
+        "swap_attention_mask": attn.clone(),
+        "swap_special_tokens_mask": special.clone(),
+        "swap_valid": torch.ones(ids.shape[0], dtype=torch.bool),
+    }
 
 
 def _captions(gen: torch.Generator, batch: int, length: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
@@ -73,7 +91,10 @@ def random_batch(config: VoltaConfig, batch_size: int, vocab_size: int, seed: in
             num_special_ids=FIRST_WORD_ID,
         )
         images = torch.randn(batch_size, 3, size, size, generator=gen)
-        views.append(View(images, ids, attn, special, masked, labels))
+        view = View(images, ids, attn, special, masked, labels)
+        if config.loss.got.swap_negatives_on:  # the swapped captions the train loader would add
+            view = dataclasses.replace(view, **_swapped(gen, ids, attn, special))
+        views.append(view)
     return VoltaBatch(
         views=(views[0], views[1]),
         image_ids=torch.arange(batch_size, dtype=torch.long) + 1_000 * seed,  # (B,) all distinct

@@ -222,8 +222,10 @@ class VoLTATask(nn.Module):
         tokens, mask = self.model.encode_text(self.model.text_prefix(v.swap_input_ids, v.swap_attention_mask))
         if not self.loss_cfg.got.include_special_tokens:
             mask = mask & ~v.swap_special_tokens_mask.bool()
-        mask = mask & v.swap_valid.bool().unsqueeze(1)
-        return {"swap_tokens": self.model.got_text_projector(tokens, mask), "swap_mask": mask}
+        # Projected with every real token (so every rank makes the same projector call, whose BatchNorm
+        # statistics may be all-reduced); captions without a swap are then masked out of the contrast.
+        projected = self.model.got_text_projector(tokens, mask)
+        return {"swap_tokens": projected, "swap_mask": mask & v.swap_valid.bool().unsqueeze(1)}
 
     def mlm_terms(self, batch: VoltaBatch, passes: list[ViewPasses]) -> Terms:
         """Fusion on: MLM on (image view, masked caption view), this rank's share of the global token mean,

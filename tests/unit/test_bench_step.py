@@ -29,6 +29,13 @@ def test_random_batch_is_shaped_for_the_recipe_and_trains() -> None:
     out = build_task(cfg, VOCAB)(batch)
     assert {"bt_loss", "got_loss", "mlm_loss", "itm_loss", "loss"} <= set(out)
     assert all(math.isfinite(float(v)) for v in out.values())
+    assert first.swap_input_ids is None  # the debug recipe has no swap negatives
+    swap = tiny_config("loss.got.contrastive.weight=0.5", "loss.got.contrastive.swap_negatives=true")
+    view = random_batch(swap, 3, VOCAB, seed=1).views[0]
+    assert view.swap_input_ids is not None and view.swap_valid is not None and bool(view.swap_valid.all())
+    changed = view.swap_input_ids != view.input_ids
+    assert changed.sum(dim=1).tolist() == [2, 2, 2] and not bool(changed[view.special_tokens_mask].any())
+    assert "got_swap_acc" in build_task(swap, VOCAB)(random_batch(swap, 3, VOCAB, seed=1))
 
 
 @pytest.mark.timeout(240)
