@@ -129,7 +129,7 @@ def test_finished_runs_are_stale_only_for_a_setting_that_changes_training(
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "synth").mkdir(parents=True)
-    config = str(REPO / "configs" / "demo.yaml")
+    config = str(REPO / "configs" / "debug.yaml")  # swap_negatives at its default there
     out = tmp_path / "study"
     run = Run("recipe", (), 0, "shapes", Path("data/synth"))
     saved = load_config(config, run.sets(out, [])).model_dump(mode="json")
