@@ -27,17 +27,19 @@ def _naive_ipot(cost: torch.Tensor, iters: int, beta: float) -> torch.Tensor:
     return plan
 
 
+def _naive_wd(x: torch.Tensor, y: torch.Tensor, iters: int, beta: float) -> torch.Tensor:
+    """WD of the IPOT plan between unpadded patches ``x`` and tokens ``y`` under the cosine cost, pair by pair."""
+    cost = torch.stack([torch.stack([1 - torch.dot(u, v) / (u.norm() * v.norm()) for v in y]) for u in x])
+    return (cost * _naive_ipot(cost, iters, beta)).sum()
+
+
 def _naive_loss(image, text, image_mask, text_mask, temperature, ipot_beta, ipot_iters):
     keep = [k for k in range(image.shape[0]) if image_mask[k].any() and text_mask[k].any()]
     wd = {}
     for i in keep:
         x = image[i][image_mask[i]]
         for j in keep:
-            y = text[j][text_mask[j]]
-            cost = torch.stack(
-                [torch.stack([1 - torch.dot(u, v) / (u.norm() * v.norm()) for v in y]) for u in x]
-            )
-            wd[i, j] = (cost * _naive_ipot(cost, ipot_iters, ipot_beta)).sum()
+            wd[i, j] = _naive_wd(x, text[j][text_mask[j]], ipot_iters, ipot_beta)
     i2t = t2i = 0.0
     for i in keep:
         row = [-wd[i, j] / temperature for j in keep]
@@ -104,11 +106,7 @@ def _naive_swap_loss(image, text, swap, image_mask, text_mask, swap_mask, temper
     for i in keep:
         row = [-wd[i, j] / temperature for j in keep]
         if swap_mask[i].any():
-            x, y = image[i][image_mask[i]], swap[i][swap_mask[i]]
-            cost = torch.stack(
-                [torch.stack([1 - torch.dot(u, v) / (u.norm() * v.norm()) for v in y]) for u in x]
-            )
-            swap_wd[i] = (cost * _naive_ipot(cost, ipot_iters, ipot_beta)).sum()
+            swap_wd[i] = _naive_wd(image[i][image_mask[i]], swap[i][swap_mask[i]], ipot_iters, ipot_beta)
             row.append(-swap_wd[i] / temperature)
         col = [-wd[j, i] / temperature for j in keep]
         i2t += -row[keep.index(i)] + torch.logsumexp(torch.stack(row), 0)
