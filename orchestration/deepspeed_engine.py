@@ -118,14 +118,35 @@ CPU_ALLREDUCE_SHM = "deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
 
 
 def initialize_deepspeed(*, rank: int, world_size: int, on_gpu: bool, **kwargs: Any) -> Any:
-    """``deepspeed.initialize(dist_init_required=False, **kwargs)``'s engine; on CPU every rank then removes its
-    shared-memory buffer's name (:func:`unlink_cpu_allreduce_buffer`, collective)."""
+    """``deepspeed.initialize(dist_init_required=False, **kwargs)``'s engine. On CPU the shared-memory
+    communication op is switched off first (:func:`skip_cpu_shm_comm`) and every rank then removes the name of
+    any buffer it still got (:func:`unlink_cpu_allreduce_buffer`, collective)."""
     import deepspeed
 
+    if not on_gpu:
+        skip_cpu_shm_comm()
     engine, _, _, _ = deepspeed.initialize(dist_init_required=False, **kwargs)
     if not on_gpu:
         unlink_cpu_allreduce_buffer(rank, world_size)
     return engine
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's CPU communication backend from building and loading its shared-memory op.
+
+    The op serves only ``inference_all_reduce`` (training's collectives go through the torch process group), yet
+    DeepSpeed compiles it from C++ the first time a CPU backend starts on a machine (measured: ~40 s of both
+    cores of the 2-core demo machine, in every fresh container) and gives each rank a 67 MB buffer. Marked
+    incompatible in DeepSpeed's table of compatible ops (``deepspeed.ops.__compatible_ops__``, one dict that
+    DeepSpeed reads when its backend starts), the backend starts without it and ``inference_all_reduce`` falls
+    back to the process group. Call before ``deepspeed.initialize`` in the process that trains.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def unlink_cpu_allreduce_buffer(rank: int, world_size: int, shm_dir: Path = Path("/dev/shm")) -> bool:
