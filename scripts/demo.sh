@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: synthesise the grounding dataset (if absent), start a local Ray head, submit the demo pre-training
-# with `ray job submit`, follow it, then evaluate the untrained and the trained model and summarise.
+# with `ray job submit`, follow it (the untrained model is evaluated beside the job's start-up), then evaluate the
+# trained model and summarise.
 # Run through scripts/in-private-netns.sh (the Makefile does) so Ray's ports are reachable only on loopback.
 #
 # The terminal gets the stages, rank 0's progress line every train.log_every steps and a summary table; Ray's
@@ -118,16 +119,12 @@ rm -rf "$RAY_DIR"
 head_pid=$!
 trap 'kill "$head_pid" 2>/dev/null; wait "$head_pid" 2>/dev/null || true' EXIT
 trap 'exit 143' TERM  # so that the EXIT trap stops the head when the demo is terminated
-for _ in $(seq 60); do
-  "$BIN/ray" job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1 && break
-  sleep 2
-done
 
-say "ray job submit -- python orchestration/pretrain.py --config $RECIPE"
-# A fresh run: its storage folder and its MLflow store (a rerun would otherwise log into the old MLflow run).
-rm -rf "$RUN" "$OUT/$RUN_NAME" "$ROOT/$STORE"
-mkdir -p "$ROOT/$STORE/artifacts"
-# The experiment is made here so that its artifacts (heat maps) land in the store folder, not in ./mlruns.
+# While the head starts: a fresh run (its storage folder and its MLflow store: a rerun would otherwise log into
+# the old MLflow run). The experiment is made here so that its artifacts (heat maps) land in the store folder,
+# not in ./mlruns.
+rm -rf "$RUN" "$OUT/$RUN_NAME" "$ROOT/$STORE" "$OUT/untrained"
+mkdir -p "$ROOT/$STORE/artifacts" "$OUT/untrained"
 run_logged "$OUT.mlflow-store.log" "$BIN/python" -c '
 import sys
 from pathlib import Path
@@ -135,24 +132,39 @@ from mlflow.tracking import MlflowClient
 client = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db")
 client.create_experiment(sys.argv[2], artifact_location=Path(sys.argv[1], "artifacts").as_uri())
 ' "$ROOT/$STORE" "$EXPERIMENT"
+# The head is up when its job server answers; the port is watched first (a `ray` command costs a Python start
+# of ~2 s of CPU that the starting head needs).
+for _ in $(seq 240); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$DASH_PORT") 2>/dev/null && break
+  sleep 0.5
+done
+for _ in $(seq 60); do
+  "$BIN/ray" job list --address "http://127.0.0.1:$DASH_PORT" >/dev/null 2>&1 && break
+  sleep 2
+done
+
+say "ray job submit -- python orchestration/pretrain.py --config $RECIPE"
+# The untrained baseline (the recipe freshly initialised, one thread) is evaluated beside the job's start-up,
+# which is one-threaded Python for its first minute and leaves a core idle (measured: ~45% idle).
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$OUT/untrained/eval-untrained.log" "$BIN/volta" eval all \
+  --config "$RECIPE" --random-init >"$OUT/untrained/eval-untrained.json" &
+untrained_pid=$!
 # RAY_ADDRESS for every actor of the job: Ray's own helpers (Train's placement-group cleaner) look the cluster up
 # by scanning this machine's processes and fail with a traceback when another Ray instance runs here too.
 "$BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" \
   --runtime-env-json '{"env_vars": {"RAY_ADDRESS": "127.0.0.1:6390"}}' -- \
   bash -c "cd '$ROOT' && '$BIN/python' orchestration/pretrain.py --config '$RECIPE' $OVERRIDES" 2>&1 | quiet
+wait "$untrained_pid"
+mv "$OUT/untrained/eval-untrained.log" "$OUT/untrained/eval-untrained.json" "$RUN/"
 
-say "evaluating the untrained and the trained model on the validation split"
-# The three side by side with one thread each: their start-up (imports, model build) is one-threaded Python,
-# so two-thread runs one after the other leave a core idle for a good part of the time.
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/eval-untrained.log" "$BIN/volta" eval all \
-  --checkpoint "$RUN/final" --random-init >"$RUN/eval-untrained.json" &
-untrained_pid=$!
+say "evaluating the trained model on the validation split"
+# Side by side with one thread each: their start-up (imports, model build) is one-threaded Python, so two-thread
+# runs one after the other leave a core idle for a good part of the time.
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/visualize.log" "$BIN/volta" visualize \
   --checkpoint "$RUN/final" --shards "$DATA/val" --num 4 --out "$RUN/heatmaps-final" >/dev/null &
 visualize_pid=$!
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 run_logged "$RUN/eval-trained.log" "$BIN/volta" eval all \
   --checkpoint "$RUN/final" >"$RUN/eval-trained.json"
-wait "$untrained_pid"
 wait "$visualize_pid"
 
 say "summary"

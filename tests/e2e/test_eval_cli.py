@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.fixtures_cli import volta
@@ -63,6 +64,32 @@ def test_eval_random_init_and_missing_grounding_data(assets: EvalAssets, tmp_pat
     run = volta("eval", "grounding", "--checkpoint", assets.checkpoint, "--shards", assets.no_box_shards,
                 cwd=tmp_path)  # fmt: skip
     one_line_error(run, "boxes")
+
+
+def test_random_init_from_a_recipe_equals_random_init_from_its_checkpoint(
+    assets: EvalAssets, tmp_path: Path
+) -> None:
+    """Without --checkpoint, --random-init --config RECIPE is the same untrained model (same seed, same weights,
+    so the same figures) as --random-init of a checkpoint trained from that recipe."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(assets.config.model_dump(mode="json")))
+    common = ["--shards", assets.shards, "--random-init", "--seed", "7", "--max-samples", "12"]
+    from_checkpoint = volta("eval", "retrieval", "--checkpoint", assets.checkpoint, *common, cwd=tmp_path)
+    from_recipe = volta("eval", "retrieval", "--config", recipe, *common, cwd=tmp_path)
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
+    assert from_recipe.returncode == 0, from_recipe.stderr
+    a, b = json.loads(from_checkpoint.stdout), json.loads(from_recipe.stdout)
+    assert b["checkpoint"] is None and a["checkpoint"] is not None
+    assert b["model"] == a["model"] == "random-init (seed 7)"
+    assert b["retrieval"] == a["retrieval"]
+    other_seed = volta("eval", "retrieval", "--config", recipe, *common[:-4], "--seed", "8", "--max-samples", "12",
+                       cwd=tmp_path)  # fmt: skip
+    assert (
+        json.loads(other_seed.stdout)["retrieval"] != a["retrieval"]
+    )  # the figures do depend on the weights
+    # Neither a checkpoint nor --random-init --config: one line naming what is missing.
+    one_line_error(volta("eval", "all", "--config", recipe, cwd=tmp_path), "--checkpoint is required")
+    one_line_error(volta("eval", "all", "--random-init", cwd=tmp_path), "--checkpoint is required")
 
 
 def test_visualize_single_image_and_shards(assets: EvalAssets, tmp_path: Path) -> None:

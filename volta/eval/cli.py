@@ -32,7 +32,9 @@ _BASELINE_SEED_OFFSET = 1000  # the probe's random encoder never shares the --ra
 
 
 # -------------------------------------------------------------------------------------------------- loading
-def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrainedTokenizerBase, Any, Path]:
+def _load(
+    args: argparse.Namespace,
+) -> tuple[VoLTAModel, VoltaConfig, PreTrainedTokenizerBase, Any, Path | None]:
     """Model (trained or, with --random-init, fresh), evaluation config, tokenizer, device and checkpoint folder.
 
     The checkpoint is read as ``volta.load`` reads it (:func:`volta.api.load_checkpoint`): a checkpoint folder or
@@ -43,6 +45,8 @@ def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrained
     from volta.devices import resolve_device
     from volta.eval.linear_probe import fresh_model_like
 
+    if args.checkpoint is None:
+        return _load_recipe_baseline(args)
     try:
         model, ckpt_cfg, folder = load_checkpoint(args.checkpoint)
     except UsageError as err:
@@ -65,6 +69,41 @@ def _load(args: argparse.Namespace) -> tuple[VoLTAModel, VoltaConfig, PreTrained
     except UsageError as err:
         raise UsageError(f"--{err}") from None
     return model.to(device), cfg, tokenizer, device, folder
+
+
+def _load_recipe_baseline(
+    args: argparse.Namespace,
+) -> tuple[VoLTAModel, VoltaConfig, PreTrainedTokenizerBase, Any, Path | None]:
+    """No checkpoint: ``--random-init --config RECIPE`` is a freshly initialised model of the recipe (with its
+    ``--set`` overrides, ``model.*`` included) and the recipe's tokenizer, seeded as a checkpoint's would be:
+    the untrained baseline of a run before the run has a checkpoint. The folder is None."""
+    import torch
+
+    from volta.config import load_config
+    from volta.data.tokenizer import load_tokenizer
+    from volta.devices import resolve_device
+    from volta.models.factory import build_model
+
+    if not (args.random_init and args.config):
+        raise UsageError(
+            "--checkpoint is required (without one, --random-init --config RECIPE evaluates a freshly "
+            "initialised model of the recipe)"
+        )
+    cfg = load_config(args.config, args.overrides)
+    name = args.tokenizer or cfg.tokenizer_name
+    try:
+        tokenizer = load_tokenizer(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load tokenizer {name!r} ({first}) (--tokenizer)") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = build_model(cfg.model, vocab_size=len(tokenizer))
+    try:
+        device = resolve_device(args.device)
+    except UsageError as err:
+        raise UsageError(f"--{err}") from None
+    return model.to(device), cfg, tokenizer, device, None
 
 
 def _shards(args: argparse.Namespace, cfg: VoltaConfig) -> str | list[str]:
@@ -173,7 +212,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     grounding = what == "grounding" or (what == "all" and cfg.eval.grounding)
     result = _pass(model, cfg, tokenizer, device, shards, args, grounding=grounding)
     summary: dict[str, Any] = {
-        "checkpoint": str(folder),
+        "checkpoint": None if folder is None else str(folder),
         "model": f"random-init (seed {args.seed})" if args.random_init else "trained",
         "shards": shards,
         "samples": len(result.features),
@@ -279,7 +318,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     summary: dict[str, Any] = {
-        "checkpoint": str(folder),
+        "checkpoint": None if folder is None else str(folder),
         "model": f"random-init (seed {args.seed})" if args.random_init else "trained",
         "shards": shards,
         "samples": int(result["n"]),
@@ -347,7 +386,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     from volta.commands import add_config_arguments
 
     p.add_argument(
-        "--checkpoint", required=True, help="folder written by save_volta_checkpoint (or a file in it)"
+        "--checkpoint",
+        default=None,
+        help="folder written by save_volta_checkpoint (or a file in it); required unless --random-init --config",
     )
     add_config_arguments(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the config's)")
@@ -355,7 +396,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-init",
         action="store_true",
-        help="evaluate a freshly initialised model of the checkpoint's config (the untrained baseline)",
+        help="evaluate a freshly initialised model of the checkpoint's config (the untrained baseline); without "
+        "--checkpoint, of the --config recipe",
     )
     p.add_argument(
         "--seed", type=int, default=1, help="seed of --random-init, the probe split and baseline (1)"
