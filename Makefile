@@ -10,7 +10,9 @@ STAMP := $(VENV)/.installed
 # pip installs it because pip reads this machine's local wheel store (pip.conf) where uv would download
 # 3 GB. lock.txt (everything else) goes through the locked uv, 10x faster than pip. --no-deps: the lock is
 # the whole closure, and `pip check` proves it is consistent. A lock change rebuilds the venv from scratch
-# (--clear), so nothing the lock dropped stays behind.
+# (--clear), so nothing the lock dropped stays behind. --compile-bytecode: uv (unlike pip) writes no .pyc files,
+# and where PYTHONDONTWRITEBYTECODE is set (these machines) no process ever does, so every Ray actor, DataLoader
+# worker and CLI process compiled ray/deepspeed/transformers from source again (~2 s of CPU each; docs/benchmarks.md).
 LOCK := requirements/lock.txt
 TORCH_LOCK := requirements/torch.txt
 HASHED := --no-deps --require-hashes --only-binary=:all:
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCK) $(TORCH_LOCK)
 	$(PYTHON) scripts/lock.py entry uv > $(VENV)/uv.txt
 	$(PIP) install -q $(HASHED) -r $(VENV)/uv.txt
 	$(PIP) install -q $(HASHED) -r $(TORCH_LOCK)
-	$(UV) $(HASHED) --no-binary=deepspeed -r $(LOCK)
+	$(UV) $(HASHED) --compile-bytecode --no-binary=deepspeed -r $(LOCK)
 	$(UV) --no-deps --no-build-isolation -e .
 	$(PIP) check
 	touch $(STAMP)
