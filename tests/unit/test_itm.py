@@ -110,3 +110,30 @@ def test_itm_head_input_norm_reads_only_what_differs_between_samples() -> None:
     # A per-dimension rescaling of the whole batch is removed too (batch statistics), a per-sample one is not.
     assert torch.allclose(normed(image * 7, text * 3), normed(image, text), atol=1e-3)
     assert not torch.allclose(normed(image * torch.rand(8, 1, 1), text), normed(image, text), atol=1e-3)
+
+
+def _swap_gap(head: torch.nn.Module, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """logit(a, a) + logit(b, b) - logit(a, b) - logit(b, a) of the match class over pairs of samples a, b: zero
+    for every pair when the logit is a text score plus an image score (nothing compares the two)."""
+    with torch.no_grad():
+        match = head(image, text)[:, 1] - head(image, text)[:, 0]
+        crossed = head(image.flip(0), text)[:, 1] - head(image.flip(0), text)[:, 0]
+    return match + match.flip(0) - crossed - crossed.flip(0)
+
+
+def test_itm_head_product_compares_the_two_streams() -> None:
+    from volta.models.heads import ITMHead
+
+    torch.manual_seed(0)
+    image, text = torch.randn(6, 5, 12), torch.randn(6, 4, 10)
+    paper = ITMHead(12, 10, 6).eval()
+    product = ITMHead(12, 10, 6, product=True).eval()
+    assert paper.classifier.in_features == 12 and product.classifier.in_features == 18
+    # [text ; image] alone: the logits add a text score and an image score, whatever the weights.
+    assert torch.allclose(_swap_gap(paper, image, text), torch.zeros(6), atol=1e-5)
+    assert _swap_gap(product, image, text).abs().max() > 1e-3
+    # The features are exactly [t ; i ; t * i] of the pooled tokens.
+    t = torch.tanh(product.text_pooler(product.text_proj(text[:, 0])))
+    i = torch.tanh(product.image_pooler(product.image_proj(image.mean(dim=1))))
+    expected = product.classifier(torch.cat([t, i, t * i], dim=-1))
+    torch.testing.assert_close(product(image, text), expected)

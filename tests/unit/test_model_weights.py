@@ -146,14 +146,16 @@ def test_exported_encoders_load_into_plain_timm_and_transformers(tmp_path: Path)
 
 # ------------------------------------------------------------------------------------------- checkpoints
 def test_volta_checkpoint_reloads_every_parameter_and_buffer(tmp_path: Path) -> None:
-    cfg = model_config(fusion_depth=3)
+    # The ITM head with both options (their extra BatchNorms and the wider classifier must round-trip too).
+    cfg = model_config(fusion_depth=3).model_copy(update={"itm_input_norm": True, "itm_product": True})
     model = build_model(cfg, vocab_size=VOCAB)
+    assert model.itm_head.classifier.in_features == 3 * cfg.shared_dim
     set_gates(model, 0.25)
     model.train()
     images, ids, mask = make_batch(model)
     with torch.no_grad():  # move the BatchNorm running statistics away from their initial values
         out = model(images, ids, mask, fusion=False)
-        model.bt_projections(out), model.got_projections(out)
+        model.bt_projections(out), model.got_projections(out), model.itm_logits(out)
     folder = save_volta_checkpoint(model, tmp_path / "ckpt", cfg)
     save_volta_checkpoint(model, folder, cfg)  # overwriting an existing checkpoint works
     loaded, loaded_cfg = load_volta_checkpoint(folder)

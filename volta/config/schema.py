@@ -129,6 +129,9 @@ class ModelConfig(_Section):
     # Batch-standardise the ITM head's two pooled tokens (not in the paper; docs/model.md): from-scratch backbones
     # give pooled tokens that differ little between samples, and the paper's head then stays near chance.
     itm_input_norm: bool = False
+    # The ITM classifier also reads the elementwise product of the two pooled tokens (not in the paper;
+    # docs/model.md): a linear map of [text ; image] scores each stream alone and cannot compare them.
+    itm_product: bool = False
     # Reuse the uni-modal activations below the fused blocks across the BT/GOT, MLM and ITM passes.
     share_unimodal_prefix: bool = True
 

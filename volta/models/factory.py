@@ -60,4 +60,5 @@ def build_model(
         got_projector_out_dim=cfg.got_projector_out_dim,
         got_projector_output_norm=cfg.got_projector_output_norm,
         itm_input_norm=cfg.itm_input_norm,
+        itm_product=cfg.itm_product,
     )

@@ -70,9 +70,21 @@ class ITMHead(nn.Module):
     head's logits barely depend on the pair and Adam's bounded steps cannot grow the weights fast enough: the
     paper's head stayed near chance in 200 demo steps (0.54 held-out) while a linear probe on the same frozen fused features reached
     0.74 held-out (docs/benchmarks.md, "Every word").
+
+    ``product=True`` (not in the paper) gives the classifier ``[text ; image ; text * image]``: on the
+    concatenation alone its logit is a sum of a text score and an image score, so whether the two *match* must be
+    written into the pooled tokens by the fused layers; the product lets the head compare the two streams itself.
     """
 
-    def __init__(self, image_dim: int, text_dim: int, shared_dim: int, *, input_norm: bool = False) -> None:
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        shared_dim: int,
+        *,
+        input_norm: bool = False,
+        product: bool = False,
+    ) -> None:
         super().__init__()
         self.image_norm = nn.BatchNorm1d(image_dim) if input_norm else nn.Identity()
         self.text_norm = nn.BatchNorm1d(text_dim) if input_norm else nn.Identity()
@@ -80,7 +92,8 @@ class ITMHead(nn.Module):
         self.text_proj = nn.Linear(text_dim, shared_dim)
         self.image_pooler = nn.Linear(shared_dim, shared_dim)
         self.text_pooler = nn.Linear(shared_dim, shared_dim)
-        self.classifier = nn.Linear(2 * shared_dim, 2)
+        self.product = product
+        self.classifier = nn.Linear((3 if product else 2) * shared_dim, 2)
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """``(B, P, Di)`` image and ``(B, T, Dt)`` text tokens to ``(B, 2)`` logits (class 1 = matching pair)."""
@@ -89,7 +102,8 @@ class ITMHead(nn.Module):
             self.image_pooler(self.image_proj(self.image_norm(image_tokens.mean(dim=1))))
         )  # (B, S)
         text = torch.tanh(self.text_pooler(self.text_proj(self.text_norm(text_tokens[:, 0]))))  # (B, S)
-        return self.classifier(torch.cat([text, image], dim=-1))  # (B, 2)
+        features = [text, image, text * image] if self.product else [text, image]
+        return self.classifier(torch.cat(features, dim=-1))  # (B, 2)
 
 
 def build_mlm_head(config: RobertaConfig, word_embeddings: nn.Embedding) -> RobertaLMHead:

@@ -140,6 +140,7 @@ class VoLTAModel(nn.Module):
         got_projector_out_dim: int = 1024,
         got_projector_output_norm: bool = True,
         itm_input_norm: bool = False,
+        itm_product: bool = False,
     ) -> None:
         super().__init__()
         available = min(image_encoder.num_blocks, text_encoder.num_layers)
@@ -181,7 +182,7 @@ class VoLTAModel(nn.Module):
             dt, got_projector_hidden_dim, got_projector_out_dim, **got_kw
         )
         self.mlm_head = build_mlm_head(text_encoder.config, text_encoder.word_embeddings)
-        self.itm_head = ITMHead(di, dt, shared_dim, input_norm=itm_input_norm)
+        self.itm_head = ITMHead(di, dt, shared_dim, input_norm=itm_input_norm, product=itm_product)
 
     # ------------------------------------------------------------------------------------------- properties
     @property
