@@ -24,7 +24,14 @@ TERMS = {
     "grad_norm",
 }
 # float64 throughout; the tolerance absorbs BLAS rounding differences between CPUs, not a changed computation.
-RTOL = 1e-6
+# The transport terms are the most sensitive (the IPOT and Gromov-Wasserstein iterations amplify rounding, and the
+# optimizer steps after them carry it into every term). Measured on a second CPU type (Xeon with AVX-512 and AMX;
+# the file was made on another): the code the file was made with differs from it by up to 6.9e-8 (gwd) at step 1,
+# and over the 8 steps by up to 4.9e-6 (gwd), 1.2e-6 (wd) and 5.6e-7 (any other term); a changed computation
+# moves them by orders of magnitude more.
+RTOL = 1e-5
+RTOL_TRANSPORT = 5e-5
+TRANSPORT = {"wd", "gwd"}
 
 
 def test_the_golden_file_pins_every_term_of_every_step() -> None:
@@ -47,6 +54,7 @@ def test_per_step_losses_equal_the_golden_file(variant: str) -> None:
     for step, (expected, actual) in enumerate(zip(EXPECTED["variants"][variant], got, strict=True), start=1):
         assert set(actual) == set(expected), f"step {step}: terms {sorted(set(actual) ^ set(expected))}"
         for name, value in expected.items():
-            assert actual[name] == pytest.approx(value, rel=RTOL, abs=1e-12), (
+            rtol = RTOL_TRANSPORT if name in TRANSPORT else RTOL
+            assert actual[name] == pytest.approx(value, rel=rtol, abs=1e-12), (
                 f"{variant} step {step} {name}: {actual[name]!r}, golden {value!r}"
             )
