@@ -278,8 +278,9 @@ def load_checkpoint(
     return model, cfg, folder
 
 
-def load_matching_tokenizer(name: str, vocab_size: int) -> PreTrainedTokenizerBase:
-    """The tokenizer ``name`` (hub name or folder), checked to fit a model vocabulary of ``vocab_size`` rows.
+def load_matching_tokenizer(name: str, vocab_size: int | None) -> PreTrainedTokenizerBase:
+    """The tokenizer ``name`` (hub name or folder), checked to fit a model vocabulary of ``vocab_size`` rows
+    (None: no model yet, nothing to check).
 
     Raises :class:`~volta.errors.UsageError` with one line when it cannot be loaded or has more tokens than
     the model has rows (then it is not the run's tokenizer).
@@ -293,7 +294,7 @@ def load_matching_tokenizer(name: str, vocab_size: int) -> PreTrainedTokenizerBa
         raise UsageError(
             f"cannot load tokenizer {name!r} ({first}); pass the run's tokenizer folder"
         ) from None
-    if len(tokenizer) > vocab_size:
+    if vocab_size is not None and len(tokenizer) > vocab_size:
         raise UsageError(
             f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
             "pass the run's tokenizer"

@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, unlink: bool, out: dict, skip: bool = False) -
         left = [p.exists() for p in _names(port)]
         x = torch.arange(1000, dtype=torch.float32) * (rank + 1)
         ds_comm.inference_all_reduce(x)  # through the shared-memory buffers, names gone or not
-        out[rank] = (existed, removed, left, x) if not skip else (loaded, existed, removed, x)
+        out[rank] = (loaded, existed, removed, left, x)
     finally:
         dist.destroy_process_group()
 
@@ -70,7 +70,7 @@ def test_skipped_op_is_not_loaded_makes_no_buffers_and_all_reduce_works() -> Non
     out = _run(port, unlink=True, skip=True)
     expected = torch.arange(1000, dtype=torch.float32) * 3
     for rank in range(WORLD):
-        loaded, existed, removed, x = out[rank]
+        loaded, existed, removed, _, x = out[rank]
         assert loaded is False
         assert existed == [False, False]
         assert removed is False  # nothing to remove
@@ -83,7 +83,7 @@ def test_buffers_unlinked_and_all_reduce_still_works() -> None:
     out = _run(port, unlink=True)
     expected = torch.arange(1000, dtype=torch.float32) * 3  # ranks hold x and 2x
     for rank in range(WORLD):
-        existed, removed, left, x = out[rank]
+        _, existed, removed, left, x = out[rank]
         assert existed == [True, True], "DeepSpeed's CPU op made no shared-memory buffers: nothing was tested"
         assert removed is True
         assert left == [False, False]

@@ -79,8 +79,8 @@ def _load_recipe_baseline(
     the untrained baseline of a run before the run has a checkpoint. The folder is None."""
     import torch
 
+    from volta.api import load_matching_tokenizer
     from volta.config import load_config
-    from volta.data.tokenizer import load_tokenizer
     from volta.devices import resolve_device
     from volta.models.factory import build_model
 
@@ -90,12 +90,10 @@ def _load_recipe_baseline(
             "initialised model of the recipe)"
         )
     cfg = load_config(args.config, args.overrides)
-    name = args.tokenizer or cfg.tokenizer_name
     try:
-        tokenizer = load_tokenizer(name)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load tokenizer {name!r} ({first}) (--tokenizer)") from None
+        tokenizer = load_matching_tokenizer(args.tokenizer or cfg.tokenizer_name, None)
+    except UsageError as err:
+        raise UsageError(f"{err} (--tokenizer)") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = build_model(cfg.model, vocab_size=len(tokenizer))
